@@ -1,0 +1,64 @@
+# smart_kernels — the commands the README shows.
+#   make setup       .venv with the pinned CPU toolchain + editable build (idempotent)
+#   make test        setup if needed, then pytest (CPU: reference, native C++, Triton interpreter)
+#   make lint        ruff
+#   make bench       the sym-KL benchmark on whatever device is present
+#   make cuda-check  build the CUDA extension against a CUDA torch (compile + link; no GPU needed)
+#   make gpu-check   scripts/gpu_check.sh (on a GPU machine)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+
+# Pinned CPU toolchain (DESIGN §7). torch is pinned so that nothing pulls a CUDA build.
+TORCH_CPU := torch==2.13.0
+DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel
+TORCH_CUDA := torch==2.14.1
+
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+
+.PHONY: setup test lint bench cuda-check gpu-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU) $(DEPS)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
+	SMART_KERNELS_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check smart_kernels tests benchmarks
+	$(PY) -m ruff format --check smart_kernels tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_sym_kl.py
+
+cuda-check:
+	@if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then \
+		echo "cuda-check: SKIPPED (no nvcc on this machine)"; exit 0; fi; \
+	set -e; \
+	if [ ! -f $(CUDA_VENV)/.deps ]; then \
+		$(PYTHON) -m venv $(CUDA_VENV); \
+		$(CUDA_PY) -m pip install -q $(TORCH_CUDA) numpy ninja setuptools wheel; \
+		touch $(CUDA_VENV)/.deps; fi; \
+	rm -rf build-cuda; \
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} \
+	SMART_KERNELS_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/tmp; \
+	$(CUDA_PY) scripts/check_cuda_build.py build-cuda/lib
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build build-cuda *.egg-info smart_kernels/_C*.so

@@ -1,0 +1,350 @@
+// Symmetric KL / KL on rows of logits, CUDA kernels.
+//
+// Per row (a = input, b = target, V entries): P = softmax(a), Q = softmax(b),
+// d = log P - log Q = (a - lse_a) - (b - lse_b).
+//   sym_kl  L = sum_j (P_j - Q_j) d_j = KL(P||Q) + KL(Q||P) = E_P[a-b] - E_Q[a-b]
+//   kl      L = KL(Q||P) = E_Q[b-a] + lse_a - lse_b
+// Forward: ONE read of both rows. Each thread keeps online (rescaled) sums
+//   m = running max, s = sum e^(x-m), t = sum e^(x-m) (a-b)
+// for a and for b, merged across the row by warp shuffles (and shared memory when a row spans
+// several warps). A position where both logits are -inf weighs 0 and contributes 0.
+// Backward (second read; g = grad of the row value):
+//   mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q),  dL/db = -g (Q (d + KL(Q||P)) + P - Q)
+//   mode 1 (sym, stop_grad): dL/da = g (P - Q),                     dL/db = g (Q - P)
+//   mode 2 (kl):             dL/da = g (P - Q),                     dL/db = g Q (-d - KL(Q||P))
+//   where P (resp. Q) is 0 the P (d - ...) term is 0 (no 0 * inf).
+// Layout: short rows (V <= 2048) get one warp each, 8 rows per block; longer rows one block each.
+// Loads and stores are 16-byte vectors when the row layout allows (a scalar head aligns them).
+// Accumulation in fp32 (fp64 for fp64 inputs). Launches on the current stream; no host sync.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "../checks.h"
+
+namespace smart_kernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxWarps = 32;
+constexpr int kShortRow = 2048;  // rows up to this length get one warp each
+constexpr int kRowsPerBlockShort = 8;
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+__device__ __forceinline__ float dexp(float x) { return __expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+__device__ __forceinline__ float dlog(float x) { return logf(x); }
+__device__ __forceinline__ double dlog(double x) { return log(x); }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Online softmax statistics of one row piece: m = max, s = sum e^(x-m), t = sum e^(x-m) (a-b).
+template <typename acc_t>
+struct Online {
+  acc_t m, s, t;
+
+  __device__ void init() {
+    m = neg_inf<acc_t>();
+    s = 0;
+    t = 0;
+  }
+  // Raise the max to cover values whose max is cm; returns the offset to subtract before exp.
+  __device__ acc_t raise(acc_t cm) {
+    if (cm > m) {
+      const acc_t f = m == neg_inf<acc_t>() ? acc_t(0) : dexp(m - cm);
+      s *= f;
+      t *= f;
+      m = cm;
+    }
+    return m == neg_inf<acc_t>() ? acc_t(0) : m;
+  }
+  __device__ void add(acc_t x, acc_t offset, acc_t diff) {
+    const acc_t e = dexp(x - offset);
+    s += e;
+    t += e == acc_t(0) ? acc_t(0) : e * diff;
+  }
+  __device__ void merge(acc_t om, acc_t os, acc_t ot) {
+    const acc_t nm = om > m ? om : m;
+    const acc_t f1 = m == neg_inf<acc_t>() ? acc_t(0) : dexp(m - nm);
+    const acc_t f2 = om == neg_inf<acc_t>() ? acc_t(0) : dexp(om - nm);
+    s = s * f1 + os * f2;
+    t = t * f1 + ot * f2;
+    m = nm;
+  }
+  __device__ void warp_reduce() {
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      const acc_t om = __shfl_xor_sync(0xffffffffu, m, off);
+      const acc_t os = __shfl_xor_sync(0xffffffffu, s, off);
+      const acc_t ot = __shfl_xor_sync(0xffffffffu, t, off);
+      merge(om, os, ot);
+    }
+  }
+};
+
+// Elements [0, count) of a row: VEC-wide groups when aligned, distributed over nthreads.
+template <typename scalar_t, int VEC, typename Fn>
+__device__ __forceinline__ void for_row(const scalar_t* a, const scalar_t* b, int64_t count,
+                                        int64_t head, int tid, int nthreads, Fn&& fn) {
+  // fn(index, xs[K], ys[K], K): K consecutive elements starting at index.
+  using acc_t = typename AccType<scalar_t>::type;
+  for (int64_t j = tid; j < head; j += nthreads) {
+    acc_t x = static_cast<acc_t>(a[j]), y = static_cast<acc_t>(b[j]);
+    fn(j, &x, &y, 1);
+  }
+  const int64_t nvec = (count - head) / VEC;
+  const auto* av = reinterpret_cast<const Vec<scalar_t, VEC>*>(a + head);
+  const auto* bv = reinterpret_cast<const Vec<scalar_t, VEC>*>(b + head);
+  for (int64_t i = tid; i < nvec; i += nthreads) {
+    const Vec<scalar_t, VEC> va = av[i], vb = bv[i];
+    acc_t xs[VEC], ys[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      xs[k] = static_cast<acc_t>(va.v[k]);
+      ys[k] = static_cast<acc_t>(vb.v[k]);
+    }
+    fn(head + i * VEC, xs, ys, VEC);
+  }
+  for (int64_t j = head + nvec * VEC + tid; j < count; j += nthreads) {
+    acc_t x = static_cast<acc_t>(a[j]), y = static_cast<acc_t>(b[j]);
+    fn(j, &x, &y, 1);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ int64_t head_of(int64_t row_offset, int64_t V) {
+  const int64_t h = (VEC - row_offset % VEC) % VEC;
+  return h < V ? h : V;
+}
+
+template <typename scalar_t, int VEC>
+__global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                                  int64_t sa, int64_t sb, const bool* __restrict__ mask,
+                                  int64_t N, int64_t V, int mode,
+                                  typename AccType<scalar_t>::type* __restrict__ rows,
+                                  typename AccType<scalar_t>::type* __restrict__ stats) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t smem[6 * kMaxWarps];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= N) return;  // only in warp-per-row mode, where no __syncthreads follows
+  acc_t* st = stats + 4 * row;
+  if (mask != nullptr && !mask[row]) {  // uniform over the threads of a row
+    if (threadIdx.x == 0) {
+      rows[row] = 0;
+      st[0] = st[1] = st[2] = st[3] = 0;
+    }
+    return;
+  }
+  const scalar_t* a = A + row * sa;
+  const scalar_t* b = B + row * sb;
+  Online<acc_t> pa, pb;
+  pa.init();
+  pb.init();
+  for_row<scalar_t, VEC>(a, b, V, head_of<VEC>(row * sa, V), threadIdx.x, blockDim.x,
+                         [&](int64_t, const acc_t* xs, const acc_t* ys, int K) {
+    acc_t cma = neg_inf<acc_t>(), cmb = neg_inf<acc_t>();
+    for (int k = 0; k < K; ++k) {
+      cma = xs[k] > cma ? xs[k] : cma;
+      cmb = ys[k] > cmb ? ys[k] : cmb;
+    }
+    const acc_t oa = pa.raise(cma), ob = pb.raise(cmb);
+    for (int k = 0; k < K; ++k) {
+      const acc_t diff = xs[k] - ys[k];
+      pa.add(xs[k], oa, diff);
+      pb.add(ys[k], ob, diff);
+    }
+  });
+  pa.warp_reduce();
+  pb.warp_reduce();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  if (nwarps > 1) {  // one row per block: merge the warps through shared memory
+    if (lane == 0) {
+      smem[6 * warp + 0] = pa.m; smem[6 * warp + 1] = pa.s; smem[6 * warp + 2] = pa.t;
+      smem[6 * warp + 3] = pb.m; smem[6 * warp + 4] = pb.s; smem[6 * warp + 5] = pb.t;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    if (lane < nwarps) {
+      pa.m = smem[6 * lane + 0]; pa.s = smem[6 * lane + 1]; pa.t = smem[6 * lane + 2];
+      pb.m = smem[6 * lane + 3]; pb.s = smem[6 * lane + 4]; pb.t = smem[6 * lane + 5];
+    } else {
+      pa.init();
+      pb.init();
+    }
+    pa.warp_reduce();
+    pb.warp_reduce();
+  }
+  if (lane != 0) return;
+  const acc_t lse_a = pa.m + dlog(pa.s);
+  const acc_t lse_b = pb.m + dlog(pb.s);
+  const acc_t ep = pa.t / pa.s;  // E_P[a-b]
+  const acc_t eq = pb.t / pb.s;  // E_Q[a-b]
+  st[0] = lse_a;
+  st[1] = lse_b;
+  st[2] = ep - (lse_a - lse_b);  // KL(P||Q)
+  st[3] = (lse_a - lse_b) - eq;  // KL(Q||P)
+  rows[row] = mode == 2 ? st[3] : ep - eq;
+}
+
+template <typename scalar_t, int VEC>
+__global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __restrict__ grad_rows,
+                                  int64_t sg, const scalar_t* __restrict__ A,
+                                  const scalar_t* __restrict__ B, int64_t sa, int64_t sb,
+                                  const bool* __restrict__ mask,
+                                  const typename AccType<scalar_t>::type* __restrict__ stats,
+                                  scalar_t* __restrict__ GA, scalar_t* __restrict__ GB, int64_t N,
+                                  int64_t V, int mode) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= N) return;
+  scalar_t* ga = GA == nullptr ? nullptr : GA + row * V;
+  scalar_t* gb = GB == nullptr ? nullptr : GB + row * V;
+  const bool keep = mask == nullptr || mask[row];
+  const acc_t g = keep ? grad_rows[row * sg] : acc_t(0);
+  const acc_t* st = stats + 4 * row;
+  const acc_t lse_a = st[0], lse_b = st[1], kl_pq = st[2], kl_qp = st[3];
+  const scalar_t* a = A + row * sa;
+  const scalar_t* b = B + row * sb;
+  for_row<scalar_t, VEC>(a, b, V, head_of<VEC>(row * sa, V), threadIdx.x, blockDim.x,
+                         [&](int64_t j, const acc_t* xs, const acc_t* ys, int K) {
+    acc_t va[VEC], vb[VEC];
+    for (int k = 0; k < K; ++k) {
+      const acc_t lp = xs[k] - lse_a, lq = ys[k] - lse_b;
+      const acc_t p = dexp(lp), q = dexp(lq);
+      acc_t da = p - q, db;
+      if (mode == 0) {
+        da += p == acc_t(0) ? acc_t(0) : p * (lp - lq - kl_pq);
+        db = (q - p) - (q == acc_t(0) ? acc_t(0) : q * (lp - lq + kl_qp));
+      } else if (mode == 1) {
+        db = q - p;
+      } else {
+        db = q == acc_t(0) ? acc_t(0) : q * (lq - lp - kl_qp);
+      }
+      va[k] = keep ? g * da : acc_t(0);  // a masked row gets exact zeros, even from inf inputs
+      vb[k] = keep ? g * db : acc_t(0);
+    }
+    if (K == VEC && VEC > 1) {
+      Vec<scalar_t, VEC> oa, ob;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        oa.v[k] = static_cast<scalar_t>(va[k]);
+        ob.v[k] = static_cast<scalar_t>(vb[k]);
+      }
+      if (ga != nullptr) *reinterpret_cast<Vec<scalar_t, VEC>*>(ga + j) = oa;
+      if (gb != nullptr) *reinterpret_cast<Vec<scalar_t, VEC>*>(gb + j) = ob;
+    } else {
+      for (int k = 0; k < K; ++k) {
+        if (ga != nullptr) ga[j + k] = static_cast<scalar_t>(va[k]);
+        if (gb != nullptr) gb[j + k] = static_cast<scalar_t>(vb[k]);
+      }
+    }
+  });
+}
+
+struct Launch {
+  dim3 grid, block;
+};
+
+Launch launch_shape(int64_t N, int64_t V) {
+  if (V <= kShortRow) {
+    const int64_t blocks = (N + kRowsPerBlockShort - 1) / kRowsPerBlockShort;
+    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarp, kRowsPerBlockShort)};
+  }
+  const int threads = V <= 16384 ? 256 : (V <= 65536 ? 512 : 1024);
+  return {dim3(static_cast<unsigned>(N)), dim3(threads, 1)};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+std::tuple<at::Tensor, at::Tensor> sym_kl_fwd_cuda(const at::Tensor& input,
+                                                   const at::Tensor& target,
+                                                   const c10::optional<at::Tensor>& mask,
+                                                   int64_t mode) {
+  check_rows_pair(input, target, mask, mode);
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  const int64_t N = input.size(0), V = input.size(1);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc));
+  at::Tensor stats = at::empty({N, 4}, input.options().dtype(acc));
+  if (N == 0) return {rows, stats};
+  at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+  const Launch L = launch_shape(N, V);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sym_kl_fwd_cuda",
+                                  [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const scalar_t* a = input.data_ptr<scalar_t>();
+    const scalar_t* b = target.data_ptr<scalar_t>();
+    const int64_t sa = input.stride(0), sb = target.stride(0);
+    const bool vec = aligned16(a) && aligned16(b) && (sa - sb) % VEC == 0;
+    auto kernel = vec ? sym_kl_fwd_kernel<scalar_t, VEC> : sym_kl_fwd_kernel<scalar_t, 1>;
+    kernel<<<L.grid, L.block, 0, stream>>>(a, b, sa, sb, mask_p, N, V, static_cast<int>(mode),
+                                           rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {rows, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_kl_bwd_cuda(const at::Tensor& grad_rows,
+                                                   const at::Tensor& input,
+                                                   const at::Tensor& target,
+                                                   const c10::optional<at::Tensor>& mask,
+                                                   const at::Tensor& stats, int64_t mode,
+                                                   bool need_input, bool need_target) {
+  check_rows_pair(input, target, mask, mode);
+  check_bwd_extra(grad_rows, input, stats);
+  const at::cuda::OptionalCUDAGuard guard(input.device());
+  const int64_t N = input.size(0), V = input.size(1);
+  at::Tensor ga = need_input ? at::empty({N, V}, input.options()) : at::empty({0}, input.options());
+  at::Tensor gb = need_target ? at::empty({N, V}, input.options()) : at::empty({0}, input.options());
+  if (N == 0 || !(need_input || need_target)) return {ga, gb};
+  at::Tensor g = grad_rows.to(stats.scalar_type());
+  at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+  const Launch L = launch_shape(N, V);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sym_kl_bwd_cuda",
+                                  [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    const scalar_t* a = input.data_ptr<scalar_t>();
+    const scalar_t* b = target.data_ptr<scalar_t>();
+    scalar_t* ga_p = need_input ? ga.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gb_p = need_target ? gb.data_ptr<scalar_t>() : nullptr;
+    const int64_t sa = input.stride(0), sb = target.stride(0);
+    // Outputs are contiguous rows of length V: their misalignment must match the inputs'.
+    const bool vec = aligned16(a) && aligned16(b) && (ga_p == nullptr || aligned16(ga_p)) &&
+                     (gb_p == nullptr || aligned16(gb_p)) && (sa - V) % VEC == 0 &&
+                     (sb - V) % VEC == 0;
+    auto kernel = vec ? sym_kl_bwd_kernel<scalar_t, VEC> : sym_kl_bwd_kernel<scalar_t, 1>;
+    kernel<<<L.grid, L.block, 0, stream>>>(g.data_ptr<acc_t>(), g.stride(0), a, b, sa, sb, mask_p,
+                                           stats.data_ptr<acc_t>(), ga_p, gb_p, N, V,
+                                           static_cast<int>(mode));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(smart_kernels, CUDA, m) {
+  m.impl("sym_kl_fwd", &sym_kl_fwd_cuda);
+  m.impl("sym_kl_bwd", &sym_kl_bwd_cuda);
+}
+
+}  // namespace smart_kernels

@@ -1,0 +1,41 @@
+// smart_kernels._C: every op schema of the native backend, in one place.
+//
+// The ops here are the raw kernels (no autograd); smart_kernels/ops/*.py registers their fake
+// (meta) implementations and autograd formulas, validates inputs and reduces.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing smart_kernels._C loads this library, which runs the TORCH_LIBRARY registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace smart_kernels {
+
+static bool has_cuda() {
+#ifdef SMART_KERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(smart_kernels, m) {
+  // Whether this build carries the CUDA kernels.
+  m.def("has_cuda() -> bool", &has_cuda);
+
+  // Symmetric KL / KL family on rows of logits. input, target: [N, V] (last dim contiguous).
+  // mode: 0 = sym_kl grad="full", 1 = sym_kl grad="stop_grad", 2 = kl (KL(softmax(target) ||
+  // softmax(input))). Returns (rows [N], stats [N, 4] = (lse_input, lse_target, KL(P||Q),
+  // KL(Q||P))), both in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked rows are 0.
+  m.def(
+      "sym_kl_fwd(Tensor input, Tensor target, Tensor? mask, int mode) -> (Tensor, Tensor)");
+  // Gradients of sum_r grad_rows[r] * rows[r]. grad_rows: [N] (any stride). Returns
+  // (grad_input, grad_target) in the input dtype; a gradient that is not needed is an empty tensor.
+  m.def(
+      "sym_kl_bwd(Tensor grad_rows, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
+      "int mode, bool need_input, bool need_target) -> (Tensor, Tensor)");
+}
+
+}  // namespace smart_kernels

@@ -1,0 +1,97 @@
+"""Which backends can run here, and which one an op uses.
+
+Backends: ``"reference"`` (plain PyTorch, always), ``"native"`` (the compiled extension
+``smart_kernels._C``: C++ on CPU tensors, CUDA C++ on CUDA tensors) and ``"triton"``.
+An explicit backend that cannot run raises ``RuntimeError`` saying why; it never falls back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "native", "triton")
+ENV_VAR = "SMART_KERNELS_BACKEND"
+
+# The GPU backend each op uses under auto selection, by measurement (benchmarks/results/).
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "sym_kl": ("native", "triton"),
+}
+
+try:
+    from smart_kernels import _C  # noqa: F401  (loading it registers torch.ops.smart_kernels.*)
+
+    _NATIVE_ERROR: str | None = None
+except Exception as exc:  # a missing or broken build must not break `import smart_kernels`
+    _NATIVE_ERROR = f"smart_kernels._C failed to load ({type(exc).__name__}: {exc})"
+
+NATIVE_CUDA: bool = _NATIVE_ERROR is None and bool(torch.ops.smart_kernels.has_cuda())
+TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Availability of one backend: per device kind, ``None`` if usable, else the reason."""
+
+    name: str
+    cpu: str | None
+    cuda: str | None
+
+    @property
+    def available(self) -> bool:
+        return self.cpu is None or self.cuda is None
+
+    def reason(self, device: torch.device) -> str | None:
+        return self.cuda if device.type == "cuda" else self.cpu
+
+
+def _info(name: str) -> BackendInfo:
+    no_gpu = None if torch.cuda.is_available() else "no CUDA device visible"
+    if name == "reference":
+        return BackendInfo(name, None, no_gpu)
+    if name == "native":
+        if _NATIVE_ERROR is not None:
+            return BackendInfo(name, _NATIVE_ERROR, _NATIVE_ERROR)
+        cuda = no_gpu if NATIVE_CUDA else "smart_kernels._C was not built with CUDA"
+        return BackendInfo(name, None, cuda)
+    if not TRITON_INSTALLED:
+        return BackendInfo(name, "triton not installed", "triton not installed")
+    cpu = None if triton_interpret() else "triton on CPU tensors needs TRITON_INTERPRET=1"
+    return BackendInfo(name, cpu, no_gpu)
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend and, per device kind, ``None`` if it can run there or the reason it cannot.
+
+    Example: ``{name: (b.cpu, b.cuda) for name, b in sk.backends().items()}``.
+    """
+    return {name: _info(name) for name in BACKENDS}
+
+
+def choose(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend ``op`` runs with for tensors on ``device``; raises if ``backend`` can't run."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"{ENV_VAR}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    if backend is None:
+        if device.type == "cuda":
+            for name in GPU_PREFERENCE.get(op, ()):
+                if _info(name).reason(device) is None:
+                    return name
+            return "reference"
+        return "native" if _NATIVE_ERROR is None else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS} or None")
+    reason = _info(backend).reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: {source} cannot run on {device.type} tensors: {reason}")
+    return backend

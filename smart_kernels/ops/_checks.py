@@ -1,0 +1,61 @@
+"""Validation shared by the ops: runs before any kernel, raises ValueError/TypeError naming the
+argument, and never synchronizes the device (only metadata is read)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+        )
+
+
+def check_logits_pair(input: torch.Tensor, target: torch.Tensor) -> None:
+    """input, target: logits [..., V] of one shape, dtype and device, V > 0."""
+    check_float_tensor("input", input)
+    check_float_tensor("target", target)
+    if input.dim() == 0:
+        raise ValueError("input: expected logits of shape [..., V], got a 0-d tensor")
+    if target.shape != input.shape:
+        raise ValueError(
+            f"target: expected the shape of input {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    if target.dtype != input.dtype:
+        raise TypeError(f"target: expected the dtype of input ({input.dtype}), got {target.dtype}")
+    if target.device != input.device:
+        raise ValueError(
+            f"target: expected the device of input ({input.device}), got {target.device}"
+        )
+    if input.shape[-1] == 0:
+        raise ValueError("input: the last dimension (V, the number of classes) must be > 0")
+
+
+def check_row_mask(mask: object, like: torch.Tensor) -> None:
+    """mask: None or a bool tensor of shape like.shape[:-1] on like's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+    if mask.shape != like.shape[:-1]:
+        raise ValueError(
+            f"mask: expected shape {tuple(like.shape[:-1])} (the leading dims of input), "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.device != like.device:
+        raise ValueError(f"mask: expected the device of input ({like.device}), got {mask.device}")

@@ -1,0 +1,185 @@
+"""``sym_kl`` and ``kl``: validation, autograd, dispatch to a backend, reduction.
+
+The kernels (native: ``torch.ops.smart_kernels.sym_kl_fwd/_bwd`` from csrc/; triton:
+``torch.ops.smart_kernels.sym_kl_fwd_triton/_bwd_triton`` defined here) work on rows [N, V]
+and return per-row values plus per-row statistics [N, 4] that the backward reuses. Each forward
+op carries a fake (meta) implementation and an autograd formula, so it runs under
+``torch.compile(fullgraph=True)`` as one opaque node. The reduction is plain PyTorch on [N].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smart_kernels import _backends, reference
+from smart_kernels.ops._checks import check_choice, check_logits_pair, check_row_mask
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+GRAD_MODES = {"full": 0, "stop_grad": 1}
+KL_MODE = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Triton ops (defined in Python; the kernels are imported on first use).
+
+
+@torch.library.custom_op("smart_kernels::sym_kl_fwd_triton", mutates_args=())
+def _sym_kl_fwd_triton(
+    input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, mode: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from smart_kernels.triton import sym_kl as kernels
+
+    return kernels.sym_kl_fwd(input, target, mask, mode)
+
+
+@torch.library.custom_op("smart_kernels::sym_kl_bwd_triton", mutates_args=())
+def _sym_kl_bwd_triton(
+    grad_rows: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    mode: int,
+    need_input: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from smart_kernels.triton import sym_kl as kernels
+
+    return kernels.sym_kl_bwd(grad_rows, input, target, mask, stats, mode, need_input, need_target)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations and autograd, shared by the native and triton ops.
+
+
+def _fwd_fake(input, target, mask, mode):
+    acc = reference.acc_dtype(input.dtype)
+    n = input.shape[0]
+    return input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc)
+
+
+def _bwd_fake(grad_rows, input, target, mask, stats, mode, need_input, need_target):
+    ga = input.new_empty(input.shape if need_input else (0,))
+    gb = input.new_empty(input.shape if need_target else (0,))
+    return ga, gb
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, mask, mode = inputs
+    ctx.save_for_backward(input, target, mask, output[1])
+    ctx.mode = mode
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_rows, _grad_stats):
+        input, target, mask, stats = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ga, gb = bwd_op(grad_rows, input, target, mask, stats, ctx.mode, need_input, need_target)
+        return (ga if need_input else None, gb if need_target else None, None, None)
+
+    return backward
+
+
+def _register(fwd_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(fwd_name)(_fwd_fake)
+    torch.library.register_fake(bwd_name)(_bwd_fake)
+    bwd_op = getattr(torch.ops.smart_kernels, bwd_name.split("::")[1])
+    torch.library.register_autograd(
+        fwd_name, _make_backward(bwd_op), setup_context=_setup_context
+    )
+
+
+_register("smart_kernels::sym_kl_fwd_triton", "smart_kernels::sym_kl_bwd_triton")
+if _backends._NATIVE_ERROR is None:
+    _register("smart_kernels::sym_kl_fwd", "smart_kernels::sym_kl_bwd")
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] with a contiguous last dim (a view when the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+
+
+def _run(
+    op: str,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: int,
+    reduction: str,
+    backend: str | None,
+) -> torch.Tensor:
+    name = _backends.choose(op, backend, input.device)
+    if name == "reference":
+        if mode == KL_MODE:
+            return reference.kl(input, target, reduction=reduction, mask=mask)
+        grad = "full" if mode == 0 else "stop_grad"
+        return reference.sym_kl(input, target, reduction=reduction, grad=grad, mask=mask)
+    fwd = torch.ops.smart_kernels.sym_kl_fwd if name == "native" else _sym_kl_fwd_triton
+    flat_mask = None if mask is None else mask.reshape(-1)
+    rows, _ = fwd(_rows(input), _rows(target), flat_mask, mode)
+    if reduction == "none":
+        return rows.view(input.shape[:-1])
+    return reference.reduce_rows(rows, flat_mask, reduction, input.shape[-1])
+
+
+def sym_kl(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "batchmean",
+    grad: str = "full",
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Symmetric KL divergence ``KL(P||Q) + KL(Q||P)`` between ``P = softmax(input)`` and
+    ``Q = softmax(target)``, row by row over the last dim.
+
+    Args:
+        input, target: logits [..., V] (float16/bfloat16/float32/float64, same shape, dtype
+            and device). Each leading index is a row.
+        reduction: ``"batchmean"`` (sum / counted rows), ``"sum"``, ``"mean"`` (sum / (counted
+            rows * V), as ``F.kl_div``) or ``"none"`` (per-row values, shape [...]).
+        grad: ``"full"`` (exact gradients) or ``"stop_grad"`` (mt-dnn / smart-pytorch:
+            d/d input = P - Q, d/d target = Q - P; the value is the same).
+        mask: optional bool [...]; a False row contributes 0, gets zero gradient and is not
+            counted. No counted row gives 0.
+        backend: ``None`` (auto), ``"reference"``, ``"native"`` or ``"triton"``.
+
+    Returns:
+        A scalar (or [...] for ``reduction="none"``) in float32 (float64 for float64 inputs).
+        Gradients are computed only for inputs that require them, in their dtype.
+
+    A vocabulary position where both logits are -inf contributes 0; any other non-finite input
+    propagates to the result.
+    """
+    check_logits_pair(input, target)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("grad", grad, tuple(GRAD_MODES))
+    check_row_mask(mask, input)
+    return _run("sym_kl", input, target, mask, GRAD_MODES[grad], reduction, backend)
+
+
+def kl(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "batchmean",
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``KL(Q||P)`` with ``P = softmax(input)``, ``Q = softmax(target)`` over the last dim:
+    ``F.kl_div(log_softmax(input), softmax(target))`` with target's gradient kept.
+
+    Gradients: d/d input = P - Q, d/d target = Q * (log Q - log P - KL(Q||P)).
+    input, target: logits [..., V]; ``reduction``, ``mask``, ``backend`` and the result's shape
+    and dtype are as in :func:`sym_kl`.
+    """
+    check_logits_pair(input, target)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_row_mask(mask, input)
+    return _run("sym_kl", input, target, mask, KL_MODE, reduction, backend)

@@ -1,0 +1,211 @@
+"""Symmetric KL / KL on rows of logits, Triton kernels.
+
+Per row (a = input, b = target, V entries): P = softmax(a), Q = softmax(b),
+d = log P - log Q = (a - lse_a) - (b - lse_b).
+  sym_kl  L = sum_j (P_j - Q_j) d_j = KL(P||Q) + KL(Q||P) = E_P[a-b] - E_Q[a-b]
+  kl      L = KL(Q||P) = E_Q[b-a] + lse_a - lse_b
+Forward: one program per row, ONE read of both rows in BLOCK_V chunks with online (rescaled)
+sums s = sum e^(x-m), t = sum e^(x-m) (a-b); a position where both logits are -inf weighs 0.
+Backward (second read; g = grad of the row value):
+  mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q),  dL/db = -g (Q (d + KL(Q||P)) + P - Q)
+  mode 1 (sym, stop_grad): dL/da = g (P - Q),                     dL/db = g (Q - P)
+  mode 2 (kl):             dL/da = g (P - Q),                     dL/db = g Q (-d - KL(Q||P))
+Accumulation in fp32 (fp64 for fp64 inputs); values are cast right after tl.load.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from smart_kernels.reference import acc_dtype
+
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def sym_kl_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    stride_a,
+    stride_b,
+    mask_ptr,
+    rows_ptr,
+    stats_ptr,
+    V,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    n = V
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+        n = tl.where(keep, V, 0)  # a masked row reads nothing
+    neg_inf = float("-inf")
+    m_a = tl.full([], neg_inf, ACC)
+    s_a = tl.zeros([], ACC)
+    t_a = tl.zeros([], ACC)
+    m_b = tl.full([], neg_inf, ACC)
+    s_b = tl.zeros([], ACC)
+    t_b = tl.zeros([], ACC)
+    for start in range(0, n, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        x = tl.load(a_row + offs, mask=valid, other=neg_inf).to(ACC)
+        y = tl.load(b_row + offs, mask=valid, other=neg_inf).to(ACC)
+        diff = x - y
+        new_a = tl.maximum(m_a, tl.max(x, axis=0))
+        new_b = tl.maximum(m_b, tl.max(y, axis=0))
+        # rescale the running sums; while everything so far is -inf, they are 0 (no inf - inf).
+        f_a = tl.where(m_a == neg_inf, 0.0, tl.exp(m_a - new_a))
+        f_b = tl.where(m_b == neg_inf, 0.0, tl.exp(m_b - new_b))
+        e_a = tl.exp(x - tl.where(new_a == neg_inf, 0.0, new_a))
+        e_b = tl.exp(y - tl.where(new_b == neg_inf, 0.0, new_b))
+        s_a = s_a * f_a + tl.sum(e_a, axis=0)
+        t_a = t_a * f_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * diff), axis=0)
+        s_b = s_b * f_b + tl.sum(e_b, axis=0)
+        t_b = t_b * f_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * diff), axis=0)
+        m_a = new_a
+        m_b = new_b
+    lse_a = m_a + tl.log(s_a)
+    lse_b = m_b + tl.log(s_b)
+    e_p = t_a / s_a  # E_P[a-b]
+    e_q = t_b / s_b  # E_Q[a-b]
+    kl_pq = e_p - (lse_a - lse_b)
+    kl_qp = (lse_a - lse_b) - e_q
+    if MODE == 2:
+        value = kl_qp
+    else:
+        value = e_p - e_q
+    if HAS_MASK:
+        value = tl.where(keep, value, 0.0)
+        lse_a = tl.where(keep, lse_a, 0.0)
+        lse_b = tl.where(keep, lse_b, 0.0)
+        kl_pq = tl.where(keep, kl_pq, 0.0)
+        kl_qp = tl.where(keep, kl_qp, 0.0)
+    tl.store(rows_ptr + row, value)
+    tl.store(stats_ptr + row * 4, lse_a)
+    tl.store(stats_ptr + row * 4 + 1, lse_b)
+    tl.store(stats_ptr + row * 4 + 2, kl_pq)
+    tl.store(stats_ptr + row * 4 + 3, kl_qp)
+
+
+@triton.jit
+def sym_kl_bwd_kernel(
+    g_ptr,
+    stride_g,
+    a_ptr,
+    b_ptr,
+    stride_a,
+    stride_b,
+    mask_ptr,
+    stats_ptr,
+    ga_ptr,
+    gb_ptr,
+    V,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    NEED_A: tl.constexpr,
+    NEED_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    g = tl.load(g_ptr + row * stride_g).to(ACC)
+    lse_a = tl.load(stats_ptr + row * 4)
+    lse_b = tl.load(stats_ptr + row * 4 + 1)
+    kl_pq = tl.load(stats_ptr + row * 4 + 2)
+    kl_qp = tl.load(stats_ptr + row * 4 + 3)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < V
+        x = tl.load(a_row + offs, mask=valid, other=0.0).to(ACC)
+        y = tl.load(b_row + offs, mask=valid, other=0.0).to(ACC)
+        lp = x - lse_a
+        lq = y - lse_b
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        if NEED_A:
+            va = p - q
+            if MODE == 0:
+                va += tl.where(p == 0.0, 0.0, p * (lp - lq - kl_pq))
+            va = g * va
+            if HAS_MASK:
+                va = tl.where(keep, va, 0.0)
+            tl.store(ga_ptr + row * V + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
+        if NEED_B:
+            if MODE == 0:
+                vb = (q - p) - tl.where(q == 0.0, 0.0, q * (lp - lq + kl_qp))
+            elif MODE == 1:
+                vb = q - p
+            else:
+                vb = tl.where(q == 0.0, 0.0, q * (lq - lp - kl_qp))
+            vb = g * vb
+            if HAS_MASK:
+                vb = tl.where(keep, vb, 0.0)
+            tl.store(gb_ptr + row * V + offs, vb.to(gb_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_config(V: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(V), 4096)
+    num_warps = 8 if block >= 2048 else (4 if block >= 256 else 1)
+    return block, num_warps
+
+
+def sym_kl_fwd(
+    input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, mode: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input, target: [N, V] with contiguous rows. Returns (rows [N], stats [N, 4]) in acc dtype."""
+    N, V = input.shape
+    acc = acc_dtype(input.dtype)
+    rows = input.new_empty((N,), dtype=acc)
+    stats = input.new_empty((N, 4), dtype=acc)
+    if N == 0:
+        return rows, stats
+    block, num_warps = _launch_config(V)
+    sym_kl_fwd_kernel[(N,)](
+        input, target, input.stride(0), target.stride(0),
+        mask if mask is not None else rows,  # dummy pointer when HAS_MASK is False
+        rows, stats, V,
+        MODE=mode, HAS_MASK=mask is not None, ACC=_TL_ACC[acc], BLOCK_V=block,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return rows, stats
+
+
+def sym_kl_bwd(
+    grad_rows: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    mode: int,
+    need_input: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_r grad_rows[r] * rows[r]: ([N, V] or empty, [N, V] or empty)."""
+    N, V = input.shape
+    ga = input.new_empty((N, V) if need_input else (0,))
+    gb = input.new_empty((N, V) if need_target else (0,))
+    if N == 0 or not (need_input or need_target):
+        return ga, gb
+    acc = acc_dtype(input.dtype)
+    grad_rows = grad_rows.to(acc)
+    block, num_warps = _launch_config(V)
+    sym_kl_bwd_kernel[(N,)](
+        grad_rows, grad_rows.stride(0), input, target, input.stride(0), target.stride(0),
+        mask if mask is not None else stats, stats,
+        ga if need_input else input, gb if need_target else target, V,
+        MODE=mode, HAS_MASK=mask is not None, NEED_A=need_input, NEED_B=need_target,
+        ACC=_TL_ACC[acc], BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return ga, gb
