@@ -17,7 +17,7 @@ TORCH_CPU := torch==2.13.0
 DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel
 TORCH_CUDA := torch==2.14.1
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
 
 .PHONY: setup test lint bench cuda-check gpu-check clean
 

@@ -50,8 +50,10 @@ def _extra_cuda_includes() -> list[str]:
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd", "-fvisibility=hidden"]
+    sources = sorted(
+        glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+    )
+    cxx = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fvisibility=hidden"]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "smart_kernels._C", sources, extra_compile_args={"cxx": cxx}

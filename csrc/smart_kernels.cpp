@@ -1,7 +1,8 @@
 // smart_kernels._C: every op schema of the native backend, in one place.
 //
-// The ops here are the raw kernels (no autograd); smart_kernels/ops/*.py registers their fake
-// (meta) implementations and autograd formulas, validates inputs and reduces.
+// The *_fwd / *_bwd ops are raw kernels (CPU and CUDA impls, no autograd); the others are the
+// differentiable ops built on them (autograd in csrc/autograd/). smart_kernels/ops/*.py
+// registers fake (meta) implementations for all of them and validates user input.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,6 +37,8 @@ TORCH_LIBRARY(smart_kernels, m) {
   m.def(
       "sym_kl_bwd(Tensor grad_rows, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
       "int mode, bool need_input, bool need_target) -> (Tensor, Tensor)");
+  // Differentiable and reduced: reduction 0 = none ([N]), 1 = sum, 2 = batchmean, 3 = mean.
+  m.def("sym_kl(Tensor input, Tensor target, Tensor? mask, int mode, int reduction) -> Tensor");
 }
 
 }  // namespace smart_kernels

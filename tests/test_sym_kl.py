@@ -318,11 +318,17 @@ def test_opcheck(backend, dtype, with_mask):
     a = logits(4, 13, dtype=dtype).requires_grad_()
     b = logits(4, 13, dtype=dtype).requires_grad_()
     mask = torch.tensor([True, False, True, True]) if with_mask else None
+    # the raw native kernels are not differentiable by themselves (sym_kl below is)
+    fwd_args = (a, b) if backend == "triton" else (a.detach(), b.detach())
     for mode in (0, 1, 2):
-        torch.library.opcheck(fwd, (a, b, mask, mode))
+        torch.library.opcheck(fwd, (*fwd_args, mask, mode))
     _, stats = fwd(a.detach(), b.detach(), mask, 0)
     torch.library.opcheck(bwd, (torch.rand(4), a.detach(), b.detach(), mask, stats, 0, True, True))
     torch.library.opcheck(bwd, (torch.rand(4), a.detach(), b.detach(), mask, stats, 2, False, True))
+    if backend == "native":  # the differentiable, reduced op (C++ autograd)
+        for mode in (0, 2):
+            for reduction in (0, 1, 2, 3):
+                torch.library.opcheck(torch.ops.smart_kernels.sym_kl, (a, b, mask, mode, reduction))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_CPU)

@@ -3,16 +3,13 @@
 // x = n*ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r (about 1 ulp), then scale by 2^n
 // through the exponent bits. Special values follow IEEE: exp(-inf) = 0, exp(+inf) = inf,
 // exp(nan) = nan; results that would be subnormal flush to 0.
+// Internal linkage: each instruction-set variant of the CPU kernels compiles its own copy.
+// Loops that call it vectorize only with -fno-trapping-math (setup.py sets it).
+// Included inside a namespace by sym_kl_rows.h, which includes <cmath>, <cstdint>, <cstring> and
+// <limits> first.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-
-namespace smart_kernels {
-
-inline float vexp(float x) {
+__attribute__((always_inline)) static inline float vexp(float x) {
   constexpr float kHi = 88.7228317f;    // log(FLT_MAX)
   constexpr float kLo = -87.3365479f;   // log(FLT_MIN): below this the result is subnormal
   constexpr float kLog2e = 1.44269504088896341f;
@@ -46,6 +43,4 @@ inline float vexp(float x) {
   return x != x ? x : res;
 }
 
-inline double vexp(double x) { return std::exp(x); }
-
-}  // namespace smart_kernels
+__attribute__((always_inline)) static inline double vexp(double x) { return std::exp(x); }

@@ -1,10 +1,13 @@
 """``sym_kl`` and ``kl``: validation, autograd, dispatch to a backend, reduction.
 
-The kernels (native: ``torch.ops.smart_kernels.sym_kl_fwd/_bwd`` from csrc/; triton:
-``torch.ops.smart_kernels.sym_kl_fwd_triton/_bwd_triton`` defined here) work on rows [N, V]
-and return per-row values plus per-row statistics [N, 4] that the backward reuses. Each forward
-op carries a fake (meta) implementation and an autograd formula, so it runs under
-``torch.compile(fullgraph=True)`` as one opaque node. The reduction is plain PyTorch on [N].
+The kernels work on rows [N, V] and return per-row values plus per-row statistics [N, 4] that
+the backward reuses:
+* native: ``torch.ops.smart_kernels.sym_kl_fwd/_bwd`` (csrc/cpu, csrc/cuda) under the
+  differentiable, reduced ``torch.ops.smart_kernels.sym_kl`` whose autograd is C++
+  (csrc/autograd/sym_kl.cpp) to keep the eager call cheap;
+* triton: ``torch.ops.smart_kernels.sym_kl_fwd_triton/_bwd_triton`` (defined here), with the
+  autograd formula registered here and the reduction in plain PyTorch.
+Every op has a fake (meta) implementation, so both run under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from smart_kernels import _backends, reference
 from smart_kernels.ops._checks import check_choice, check_logits_pair, check_row_mask
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2, "mean": 3}  # csrc/autograd/sym_kl.cpp
 GRAD_MODES = {"full": 0, "stop_grad": 1}
 KL_MODE = 2
 
@@ -89,9 +93,18 @@ def _register(fwd_name: str, bwd_name: str) -> None:
     )
 
 
+def _sym_kl_fake(input, target, mask, mode, reduction):
+    acc = reference.acc_dtype(input.dtype)
+    shape = (input.shape[0],) if reduction == REDUCTION_CODES["none"] else ()
+    return input.new_empty(shape, dtype=acc)
+
+
 _register("smart_kernels::sym_kl_fwd_triton", "smart_kernels::sym_kl_bwd_triton")
 if _backends._NATIVE_ERROR is None:
-    _register("smart_kernels::sym_kl_fwd", "smart_kernels::sym_kl_bwd")
+    # autograd of the native ops is C++ (csrc/autograd/sym_kl.cpp): only fakes here
+    torch.library.register_fake("smart_kernels::sym_kl_fwd")(_fwd_fake)
+    torch.library.register_fake("smart_kernels::sym_kl_bwd")(_bwd_fake)
+    torch.library.register_fake("smart_kernels::sym_kl")(_sym_kl_fake)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,9 +132,13 @@ def _run(
             return reference.kl(input, target, reduction=reduction, mask=mask)
         grad = "full" if mode == 0 else "stop_grad"
         return reference.sym_kl(input, target, reduction=reduction, grad=grad, mask=mask)
-    fwd = torch.ops.smart_kernels.sym_kl_fwd if name == "native" else _sym_kl_fwd_triton
     flat_mask = None if mask is None else mask.reshape(-1)
-    rows, _ = fwd(_rows(input), _rows(target), flat_mask, mode)
+    if name == "native":
+        out = torch.ops.smart_kernels.sym_kl(
+            _rows(input), _rows(target), flat_mask, mode, REDUCTION_CODES[reduction]
+        )
+        return out.view(input.shape[:-1]) if reduction == "none" else out
+    rows, _ = _sym_kl_fwd_triton(_rows(input), _rows(target), flat_mask, mode)
     if reduction == "none":
         return rows.view(input.shape[:-1])
     return reference.reduce_rows(rows, flat_mask, reduction, input.shape[-1])

@@ -1,0 +1,94 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CPU_BACKENDS, logits
+
+import smart_kernels as sk
+
+
+def ok():
+    return logits(4, 6), logits(4, 6)
+
+
+CASES = [
+    # (description, kwargs builder, exception, argument named in the message)
+    ("shape mismatch", lambda: dict(input=logits(4, 6), target=logits(4, 7)), ValueError, "target"),
+    ("V = 0", lambda: dict(input=logits(4, 0), target=logits(4, 0)), ValueError, "input"),
+    ("0-d input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(1.0)), ValueError,
+     "input"),
+    ("integer input", lambda: dict(input=torch.ones(4, 6, dtype=torch.long),
+                                   target=logits(4, 6)), TypeError, "input"),
+    ("integer target", lambda: dict(input=logits(4, 6),
+                                    target=torch.ones(4, 6, dtype=torch.int32)), TypeError, "target"),
+    ("mixed dtypes", lambda: dict(input=logits(4, 6), target=logits(4, 6, dtype=torch.float64)),
+     TypeError, "target"),
+    ("not a tensor", lambda: dict(input=[[1.0, 2.0]], target=logits(1, 2)), TypeError, "input"),
+    ("mixed devices", lambda: dict(input=logits(4, 6), target=logits(4, 6, device="meta")),
+     ValueError, "target"),
+    ("unknown reduction", lambda: dict(input=ok()[0], target=ok()[1], reduction="avg"),
+     ValueError, "reduction"),
+    ("unknown grad", lambda: dict(input=ok()[0], target=ok()[1], grad="partial"), ValueError,
+     "grad"),
+    ("mask wrong shape", lambda: dict(input=ok()[0], target=ok()[1],
+                                      mask=torch.ones(4, 6, dtype=torch.bool)), ValueError, "mask"),
+    ("mask wrong dtype", lambda: dict(input=ok()[0], target=ok()[1], mask=torch.ones(4)),
+     TypeError, "mask"),
+    ("mask not a tensor", lambda: dict(input=ok()[0], target=ok()[1], mask=[True] * 4),
+     TypeError, "mask"),
+    ("mask on another device", lambda: dict(input=ok()[0], target=ok()[1],
+                                            mask=torch.ones(4, dtype=torch.bool, device="meta")),
+     ValueError, "mask"),
+    ("unknown backend", lambda: dict(input=ok()[0], target=ok()[1], backend="cuda"), ValueError,
+     "backend"),
+]
+
+
+PARAMS = [pytest.param(op, *case, id=f"{op.__name__}-{case[0]}")
+          for op in (sk.sym_kl, sk.kl) for case in CASES
+          if not (op is sk.kl and case[0] == "unknown grad")]  # kl has no grad argument
+
+
+@pytest.mark.parametrize("op,desc,build,exc,arg", PARAMS)
+def test_bad_input(op, desc, build, exc, arg):
+    kwargs = build()
+    with pytest.raises(exc, match=arg):
+        op(kwargs.pop("input"), kwargs.pop("target"), **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_errors_raised_before_kernels(backend):
+    """Validation happens at the public boundary, whatever the backend."""
+    with pytest.raises(ValueError, match="target"):
+        sk.sym_kl(logits(3, 5), logits(3, 4), backend=backend)
+
+
+def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if sk.backends()["triton"].cpu is None:
+        pytest.skip("triton runs on CPU tensors here")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1|triton not installed"):
+        sk.sym_kl(logits(3, 5), logits(3, 5), backend="triton")
+
+
+def test_env_backend_override(monkeypatch):
+    from smart_kernels import _backends
+
+    monkeypatch.setenv("SMART_KERNELS_BACKEND", "reference")
+    assert _backends.choose("sym_kl", None, torch.device("cpu")) == "reference"
+    a, b = logits(3, 5), logits(3, 5)
+    monkeypatch.setenv("SMART_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SMART_KERNELS_BACKEND"):
+        sk.sym_kl(a, b)
+
+
+def test_raw_op_rejects_bad_layout():
+    """The raw native op checks its own inputs too: a clear RuntimeError, never a crash."""
+    if sk.backends()["native"].cpu is not None:
+        pytest.skip("native backend not built")
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 4), None, 0)
+    with pytest.raises(RuntimeError, match="mode"):
+        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 5), None, 7)
