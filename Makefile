@@ -5,6 +5,7 @@
 #   make bench       the sym-KL benchmark on whatever device is present
 #   make cuda-check  build the CUDA extension against a CUDA torch (compile + link; no GPU needed)
 #   make gpu-check   scripts/gpu_check.sh (on a GPU machine)
+#   make gpu-wheels  .gpu-wheels/: pytest wheels for an offline GPU machine (Python 3.12)
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
 
-.PHONY: setup test lint bench cuda-check gpu-check clean
+.PHONY: setup test lint bench cuda-check gpu-check gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +60,10 @@ cuda-check:
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
+		-d .gpu-wheels pytest pluggy iniconfig packaging pygments
 
 clean:
 	rm -rf build build-cuda *.egg-info smart_kernels/_C*.so

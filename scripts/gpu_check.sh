@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Build, test and benchmark smart_kernels on a GPU machine, in one command.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
+#
+# 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
+# 2. runs the sym-KL benchmark (CSV under $OUT);
+# 3. runs `pytest -m gpu` (log + junit XML under $OUT);
+# 4. prints a short table last.
+# Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
+# missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
+# Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+status=0
+stage() { echo; echo "=== $* ($(date +%T))"; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY - <<'PYEOF' | tee "$OUT/env.txt"
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+PYEOF
+if ! $PY -c "import pytest" 2>/dev/null && [ -d .gpu-wheels ]; then
+  $PY -m pip install -q --no-index --find-links .gpu-wheels pytest >"$OUT/pip_pytest.log" 2>&1 \
+    || echo "could not install pytest from .gpu-wheels (see $OUT/pip_pytest.log)"
+fi
+
+stage "build (SMART_KERNELS_CUDA=1)"
+arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export SMART_KERNELS_CUDA=1
+start=$(date +%s)
+if ! timeout "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+    >"$OUT/build.log" 2>&1; then
+  echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
+  timeout "${BUILD_TIMEOUT:-300}" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+fi
+echo "built in $(( $(date +%s) - start )) s for sm_$arch"
+$PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.backends().items()})" \
+  | tee "$OUT/backends.txt"
+
+stage "benchmark"
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+csv="$OUT/sym_kl_${gpu}.csv"
+timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_sym_kl.py --out "$csv" 2>&1 \
+  | tee "$OUT/bench.log" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
+
+stage "pytest -m gpu"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests \
+  --junitxml="$OUT/junit_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
+rc=$?
+tail -25 "$OUT/pytest_gpu.log"
+[ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
+
+stage "summary"
+cat "$OUT/gpu.txt" | tail -1
+grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
+[ -f "$csv" ] && $PY - "$csv" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"copy bandwidth {rows[0]['copy_GB/s']} GB/s")
+cols = ["N", "V", "dtype", "provider", "ms", "GB/s", "%copy_bw", "extra_MB", "x_vs_eager",
+        "x_vs_compile"]
+w = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+print("  ".join(c.ljust(w[c]) for c in cols))
+for r in rows:
+    print("  ".join(r[c].ljust(w[c]) for c in cols))
+PYEOF
+exit $status
