@@ -1,6 +1,7 @@
 """Benchmark sym_kl forward + backward (gradients to both inputs).
 
-Providers: eager PyTorch in the mt-dnn formulation
+Providers (all computing the same value; ``fwd_ms`` is the forward alone): eager PyTorch in the
+mt-dnn formulation
 ``kl_div(log_softmax(a), softmax(b).detach()) + kl_div(log_softmax(b), softmax(a).detach())``
 (batchmean), ``torch.compile`` of it, and ours (triton, native). Reported per shape: median ms,
 effective GB/s = 4·N·V·bytes / time (read a, b; write both gradients), % of the copy bandwidth
@@ -60,7 +61,11 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: torch.device, copy_b
             b.grad = None
             fn(a, b).backward()
 
+        def forward_only(fn=fn):
+            fn(a, b)
+
         try:
+            fwd_ms = common.time_ms(forward_only, device)
             ms = common.time_ms(step, device)
             a.grad = None
             b.grad = None
@@ -73,16 +78,19 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: torch.device, copy_b
         rows.append({
             "device": common.device_name(device), "op": "sym_kl_fwd_bwd", "N": n, "V": v,
             "dtype": str(dtype).replace("torch.", ""), "provider": name,
-            "ms": f"{ms:.4f}", "us": f"{ms * 1e3:.1f}", "GB/s": f"{gbps:.0f}",
+            "ms": f"{ms:.4f}", "us": f"{ms * 1e3:.1f}", "fwd_ms": f"{fwd_ms:.4f}",
+            "fwd_us": f"{fwd_ms * 1e3:.1f}", "GB/s": f"{gbps:.0f}",
             "%copy_bw": f"{100 * gbps / copy_bw:.0f}",
             "extra_MB": "" if extra is None else f"{extra / 2**20:.1f}",
             "extra_%inputs": "" if extra is None else f"{100 * extra / inputs_bytes:.2f}",
         })
     base = {r["provider"]: float(r["ms"]) for r in rows}
+    base_fwd = {r["provider"]: float(r["fwd_ms"]) for r in rows}
     for r in rows:
-        ms = float(r["ms"])
+        ms, fwd = float(r["ms"]), float(r["fwd_ms"])
         r["x_vs_eager"] = f"{base['eager'] / ms:.2f}" if "eager" in base else ""
         r["x_vs_compile"] = f"{base['compile'] / ms:.2f}" if "compile" in base else ""
+        r["fwd_x_vs_eager"] = f"{base_fwd['eager'] / fwd:.2f}" if "eager" in base else ""
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -114,7 +122,8 @@ def main() -> None:
         "sym_kl_" + common.device_name(device).replace(" ", "_") + ".csv")
     common.write_csv(out, rows)
     common.print_table(rows, ["N", "V", "dtype", "provider", "ms", "GB/s", "%copy_bw",
-                              "extra_MB", "x_vs_eager", "x_vs_compile"])
+                              "extra_MB", "x_vs_eager", "x_vs_compile", "fwd_us",
+                              "fwd_x_vs_eager"])
     print(f"wrote {out}")
 
 

@@ -56,6 +56,9 @@ csv="$OUT/sym_kl_${gpu}.csv"
 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_sym_kl.py --out "$csv" 2>&1 \
   | tee "$OUT/bench.log" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
+stage "launch-bound overhead probe ([32, 3])"
+timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt"
+
 stage "pytest -m gpu"
 timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests \
   --junitxml="$OUT/junit_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
@@ -71,7 +74,7 @@ import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 print(f"copy bandwidth {rows[0]['copy_GB/s']} GB/s")
 cols = ["N", "V", "dtype", "provider", "ms", "GB/s", "%copy_bw", "extra_MB", "x_vs_eager",
-        "x_vs_compile"]
+        "x_vs_compile", "fwd_us", "fwd_x_vs_eager"]
 w = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
 print("  ".join(c.ljust(w[c]) for c in cols))
 for r in rows:
