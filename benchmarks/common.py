@@ -24,33 +24,34 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5,
-            reps: int = 20, min_time_s: float = 0.2) -> float:
-    """Median milliseconds per call of ``fn`` (at least ``reps`` calls, about ``min_time_s``)."""
+            batches: int = 7, min_time_s: float = 0.3) -> float:
+    """Milliseconds per call of ``fn``: the median over ``batches`` of the mean time of a batch of
+    back-to-back calls. Back-to-back batches measure launch-bound calls as a training loop runs
+    them (the host's issue time included); for long calls it is the plain kernel time."""
     for _ in range(warmup):
         fn()
     sync(device)
-    # size the run: estimate one call, then repeat enough times
     t0 = time.perf_counter()
     fn()
     sync(device)
     one = max(time.perf_counter() - t0, 1e-6)
-    reps = max(reps, min(1000, int(min_time_s / one)))
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for start, end in events:
+    per_batch = max(1, min(200, int(min_time_s / batches / one)))
+    means = []
+    for _ in range(batches):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(per_batch):
+                fn()
             end.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(reps):
+            end.synchronize()
+            means.append(start.elapsed_time(end) / per_batch)
+        else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            for _ in range(per_batch):
+                fn()
+            means.append((time.perf_counter() - t0) * 1e3 / per_batch)
+    return statistics.median(means)
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -71,7 +72,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
         nbytes = min(nbytes, 256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps=20)
+    ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -39,17 +39,49 @@ inline void check_rows_pair(const at::Tensor& input, const at::Tensor& target,
   }
 }
 
-inline void check_bwd_extra(const at::Tensor& grad_rows, const at::Tensor& input,
-                            const at::Tensor& stats) {
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == input.size(0),
-              "smart_kernels: grad_rows must have shape [N]");
+// Reductions of per-row values (DESIGN §3). The reduced value is sum(rows) * scale with
+// scale = 1 for none/sum and 1 / max(counted rows [* V for mean], 1) otherwise; each row's
+// gradient is grad_out * scale, so the backward needs only the saved 0-d scale.
+enum Reduction : int64_t { kNone = 0, kSum = 1, kBatchMean = 2, kMean = 3 };
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kMean,
+              "smart_kernels: reduction must be 0 (none), 1 (sum), 2 (batchmean) or 3 (mean), "
+              "got ", reduction);
+}
+
+C10_HOST_DEVICE inline double reduction_scale(int64_t reduction, int64_t count, int64_t V) {
+  if (reduction != kBatchMean && reduction != kMean) return 1.0;
+  const double divisor = static_cast<double>(count) * (reduction == kMean ? V : 1);
+  return 1.0 / (divisor > 1.0 ? divisor : 1.0);
+}
+
+inline at::ScalarType acc_type_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Outputs of a forward: out ([N] for none, else 0-d), stats [N, 4], scale (0-d).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_fwd_outputs(const at::Tensor& input,
+                                                                        int64_t reduction) {
+  const auto opts = input.options().dtype(acc_type_of(input));
+  const int64_t N = input.size(0);
+  at::Tensor out = reduction == kNone ? at::empty({N}, opts) : at::empty({}, opts);
+  return {out, at::empty({N, 4}, opts), at::empty({}, opts)};
+}
+
+inline void check_bwd_extra(const at::Tensor& grad_out, const at::Tensor& scale,
+                            const at::Tensor& input, const at::Tensor& stats) {
+  TORCH_CHECK(grad_out.dim() == 0 || (grad_out.dim() == 1 && grad_out.size(0) == input.size(0)),
+              "smart_kernels: grad_out must be 0-d or have shape [N]");
+  TORCH_CHECK(scale.dim() == 0, "smart_kernels: scale must be 0-d");
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == input.size(0) && stats.size(1) == 4 &&
                   stats.is_contiguous(),
               "smart_kernels: stats must be a contiguous [N, 4] tensor");
-  TORCH_CHECK(grad_rows.device() == input.device() && stats.device() == input.device(),
-              "smart_kernels: grad_rows/stats are on another device");
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(stats.scalar_type() == acc, "smart_kernels: stats has the wrong dtype");
+  TORCH_CHECK(grad_out.device() == input.device() && stats.device() == input.device() &&
+                  scale.device() == input.device(),
+              "smart_kernels: grad_out/scale/stats are on another device");
+  TORCH_CHECK(stats.scalar_type() == acc_type_of(input) && scale.scalar_type() == acc_type_of(input),
+              "smart_kernels: stats/scale have the wrong dtype");
 }
 
 }  // namespace smart_kernels

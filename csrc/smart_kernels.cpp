@@ -26,18 +26,22 @@ TORCH_LIBRARY(smart_kernels, m) {
   // Whether this build carries the CUDA kernels.
   m.def("has_cuda() -> bool", &has_cuda);
 
-  // Symmetric KL / KL family on rows of logits. input, target: [N, V] (last dim contiguous).
-  // mode: 0 = sym_kl grad="full", 1 = sym_kl grad="stop_grad", 2 = kl (KL(softmax(target) ||
-  // softmax(input))). Returns (rows [N], stats [N, 4] = (lse_input, lse_target, KL(P||Q),
-  // KL(Q||P))), both in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked rows are 0.
+  // Symmetric KL / KL family on rows of logits. input, target: [N, V] (last dim contiguous),
+  // mask: [N] bool. mode: 0 = sym_kl grad="full", 1 = sym_kl grad="stop_grad", 2 = kl
+  // (KL(softmax(target) || softmax(input))). reduction: 0 = none, 1 = sum, 2 = batchmean,
+  // 3 = mean (checks.h). Returns (out: [N] for none else 0-d, stats: [N, 4] = (lse_input,
+  // lse_target, KL(P||Q), KL(Q||P)), scale: 0-d, the factor d out / d row), all in the
+  // accumulation dtype (fp64 for fp64 inputs, else fp32). Masked rows contribute 0.
   m.def(
-      "sym_kl_fwd(Tensor input, Tensor target, Tensor? mask, int mode) -> (Tensor, Tensor)");
-  // Gradients of sum_r grad_rows[r] * rows[r]. grad_rows: [N] (any stride). Returns
-  // (grad_input, grad_target) in the input dtype; a gradient that is not needed is an empty tensor.
+      "sym_kl_fwd(Tensor input, Tensor target, Tensor? mask, int mode, int reduction) -> "
+      "(Tensor, Tensor, Tensor)");
+  // Gradients given grad_out (the gradient of out: [N] or 0-d): each row's gradient is
+  // grad_out[row or 0] * scale. Returns (grad_input, grad_target) in the input dtype; a gradient
+  // that is not needed is an empty tensor.
   m.def(
-      "sym_kl_bwd(Tensor grad_rows, Tensor input, Tensor target, Tensor? mask, Tensor stats, "
-      "int mode, bool need_input, bool need_target) -> (Tensor, Tensor)");
-  // Differentiable and reduced: reduction 0 = none ([N]), 1 = sum, 2 = batchmean, 3 = mean.
+      "sym_kl_bwd(Tensor grad_out, Tensor scale, Tensor input, Tensor target, Tensor? mask, "
+      "Tensor stats, int mode, bool need_input, bool need_target) -> (Tensor, Tensor)");
+  // Differentiable, on logits [..., V] with mask [...]: returns [...] for none, else 0-d.
   m.def("sym_kl(Tensor input, Tensor target, Tensor? mask, int mode, int reduction) -> Tensor");
 }
 

@@ -55,7 +55,7 @@ def main() -> None:
     probes = {
         "empty kernel launch (x.add_(0))": lambda: a.data.add_(0),
         "raw native fwd op (no autograd)": lambda: torch.ops.smart_kernels.sym_kl_fwd(
-            a.detach(), b.detach(), None, 1),
+            a.detach(), b.detach(), None, 1, 2),
         "ours forward, no grad": lambda: torch.no_grad()(ours)(a, b),
         "eager forward, no grad": lambda: torch.no_grad()(eager)(a, b),
         "ours forward": lambda: ours(a, b),

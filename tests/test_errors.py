@@ -89,6 +89,8 @@ def test_raw_op_rejects_bad_layout():
     if sk.backends()["native"].cpu is not None:
         pytest.skip("native backend not built")
     with pytest.raises(RuntimeError, match="shapes differ"):
-        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 4), None, 0)
+        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 4), None, 0, 2)
     with pytest.raises(RuntimeError, match="mode"):
-        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 5), None, 7)
+        torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 5), None, 7, 2)
+    with pytest.raises(RuntimeError, match="reduction"):
+        torch.ops.smart_kernels.sym_kl(logits(3, 5), logits(3, 5), None, 0, 9)

@@ -269,10 +269,10 @@ def test_kernel_computes_only_requested_gradients(backend):
     fwd = getattr(torch.ops.smart_kernels, "sym_kl_fwd" + suffix)
     bwd = getattr(torch.ops.smart_kernels, "sym_kl_bwd" + suffix)
     a, b = logits(3, 10), logits(3, 10)
-    rows, stats = fwd(a, b, None, 0)
-    ga, gb = bwd(torch.ones(3), a, b, None, stats, 0, True, False)
+    rows, stats, scale = fwd(a, b, None, 0, 0)
+    ga, gb = bwd(torch.ones(3), scale, a, b, None, stats, 0, True, False)
     assert ga.shape == (3, 10) and gb.numel() == 0
-    ga, gb = bwd(torch.ones(3), a, b, None, stats, 0, False, True)
+    ga, gb = bwd(torch.ones(3), scale, a, b, None, stats, 0, False, True)
     assert ga.numel() == 0 and gb.shape == (3, 10)
 
 
@@ -321,14 +321,21 @@ def test_opcheck(backend, dtype, with_mask):
     # the raw native kernels are not differentiable by themselves (sym_kl below is)
     fwd_args = (a, b) if backend == "triton" else (a.detach(), b.detach())
     for mode in (0, 1, 2):
-        torch.library.opcheck(fwd, (*fwd_args, mask, mode))
-    _, stats = fwd(a.detach(), b.detach(), mask, 0)
-    torch.library.opcheck(bwd, (torch.rand(4), a.detach(), b.detach(), mask, stats, 0, True, True))
-    torch.library.opcheck(bwd, (torch.rand(4), a.detach(), b.detach(), mask, stats, 2, False, True))
-    if backend == "native":  # the differentiable, reduced op (C++ autograd)
+        for reduction in (0, 1, 2, 3):
+            torch.library.opcheck(fwd, (*fwd_args, mask, mode, reduction))
+    _, stats, scale = fwd(a.detach(), b.detach(), mask, 0, 2)
+    ad, bd = a.detach(), b.detach()
+    torch.library.opcheck(bwd, (torch.rand(()), scale, ad, bd, mask, stats, 0, True, True))
+    _, stats, scale = fwd(a.detach(), b.detach(), mask, 2, 0)
+    torch.library.opcheck(bwd, (torch.rand(4), scale, ad, bd, mask, stats, 2, False, True))
+    if backend == "native":  # the differentiable op (C++ autograd), on leading dims
+        a3 = logits(2, 2, 13, dtype=dtype).requires_grad_()
+        b3 = logits(2, 2, 13, dtype=dtype).requires_grad_()
+        mask3 = None if mask is None else mask.view(2, 2)
         for mode in (0, 2):
             for reduction in (0, 1, 2, 3):
-                torch.library.opcheck(torch.ops.smart_kernels.sym_kl, (a, b, mask, mode, reduction))
+                args = (a3, b3, mask3, mode, reduction)
+                torch.library.opcheck(torch.ops.smart_kernels.sym_kl, args)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_CPU)

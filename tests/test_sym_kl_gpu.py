@@ -135,6 +135,30 @@ def test_neg_inf_in_both_and_non_finite(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("V", [7, 5000])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_zero_rows(backend, V, reduction):
+    a = logits(0, V, device="cuda").requires_grad_()
+    b = logits(0, V, device="cuda").requires_grad_()
+    out = sk.sym_kl(a, b, reduction=reduction, backend=backend)
+    assert (out == 0).all() and out.shape == ((0,) if reduction == "none" else ())
+    out.sum().backward()
+    assert a.grad.shape == (0, V)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(32, 3), (4, 8, 2048), (40, 2000)])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_small_fused_path(backend, shape, reduction):
+    """Problems small enough for the one-launch path, and just past it."""
+    mask = torch.rand(shape[:-1], device="cuda") > 0.3
+    _check("sym_kl", "full", logits(*shape, device="cuda"), logits(*shape, device="cuda"),
+           backend, reduction=reduction, mask=mask)
+    _check("kl", None, logits(*shape, device="cuda"), logits(*shape, device="cuda"), backend,
+           reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gradcheck_fp64(backend):
     a = logits(3, 6, dtype=torch.float64, device="cuda").requires_grad_()
     b = logits(3, 6, dtype=torch.float64, device="cuda").requires_grad_()
@@ -152,13 +176,13 @@ def test_opcheck_cuda(backend):
     mask = torch.tensor([True, False, True, True], device="cuda")
     # the raw native kernels are not differentiable by themselves (sym_kl below is)
     fwd_args = (a, b) if backend == "triton" else (a.detach(), b.detach())
-    torch.library.opcheck(fwd, (*fwd_args, mask, 0))
-    if backend == "native":
-        for reduction in (0, 2):
+    for reduction in (0, 2):
+        torch.library.opcheck(fwd, (*fwd_args, mask, 0, reduction))
+        if backend == "native":
             torch.library.opcheck(torch.ops.smart_kernels.sym_kl, (a, b, mask, 0, reduction))
-    _, stats = fwd(a.detach(), b.detach(), mask, 0)
-    g = torch.rand(4, device="cuda")
-    torch.library.opcheck(bwd, (g, a.detach(), b.detach(), mask, stats, 0, True, True))
+    _, stats, scale = fwd(a.detach(), b.detach(), mask, 0, 2)
+    g = torch.rand((), device="cuda")
+    torch.library.opcheck(bwd, (g, scale, a.detach(), b.detach(), mask, stats, 0, True, True))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -130,9 +130,9 @@ void fwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
 
 template <typename scalar_t, int64_t MODE>
 void bwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_t sb,
-              const bool* mask, const typename AccType<scalar_t>::type* grad_rows, int64_t sg,
-              const typename AccType<scalar_t>::type* stats, int64_t V, int64_t begin,
-              int64_t end, scalar_t* ga_base, scalar_t* gb_base) {
+              const bool* mask, const typename AccType<scalar_t>::type* grad_out, int64_t sg,
+              double scale, const typename AccType<scalar_t>::type* stats, int64_t V,
+              int64_t begin, int64_t end, scalar_t* ga_base, scalar_t* gb_base) {
   using acc_t = typename AccType<scalar_t>::type;
   // Chunk buffers: converting loads, the math on plain arrays, converting stores. Each loop is
   // simple enough to vectorize for every dtype.
@@ -147,7 +147,7 @@ void bwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
     }
     const scalar_t* a = a_base + r * sa;
     const scalar_t* b = b_base + r * sb;
-    const acc_t g = grad_rows[r * sg];
+    const acc_t g = grad_out[r * sg] * static_cast<acc_t>(scale);
     const acc_t* st = stats + 4 * r;
     const acc_t lse_a = st[0], lse_b = st[1], kl_pq = st[2], kl_qp = st[3];
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -211,16 +211,17 @@ void sym_kl_fwd_rows(c10::ScalarType dtype, const void* a, const void* b, int64_
 }
 
 void sym_kl_bwd_rows(c10::ScalarType dtype, const void* a, const void* b, int64_t sa, int64_t sb,
-                     const bool* mask, const void* grad_rows, int64_t sg, const void* stats,
-                     int64_t V, int64_t mode, int64_t begin, int64_t end, void* ga, void* gb) {
+                     const bool* mask, const void* grad_out, int64_t sg, double scale,
+                     const void* stats, int64_t V, int64_t mode, int64_t begin, int64_t end,
+                     void* ga, void* gb) {
   dispatch(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename AccType<scalar_t>::type;
     auto run = [&](auto mode_tag) {
       bwd_rows<scalar_t, decltype(mode_tag)::value>(
           static_cast<const scalar_t*>(a), static_cast<const scalar_t*>(b), sa, sb, mask,
-          static_cast<const acc_t*>(grad_rows), sg, static_cast<const acc_t*>(stats), V, begin,
-          end, static_cast<scalar_t*>(ga), static_cast<scalar_t*>(gb));
+          static_cast<const acc_t*>(grad_out), sg, scale, static_cast<const acc_t*>(stats), V,
+          begin, end, static_cast<scalar_t*>(ga), static_cast<scalar_t*>(gb));
     };
     if (mode == 0) {
       run(std::integral_constant<int64_t, 0>{});

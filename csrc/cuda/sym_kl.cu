@@ -14,6 +14,8 @@
 //   mode 2 (kl):             dL/da = g (P - Q),                     dL/db = g Q (-d - KL(Q||P))
 //   where P (resp. Q) is 0 the P (d - ...) term is 0 (no 0 * inf).
 // Layout: short rows (V <= 2048) get one warp each, 8 rows per block; longer rows one block each.
+// The forward's reduction (checks.h) is a second one-block kernel, or, for small problems
+// (N * V <= 65536, V <= 2048), everything is one launch of one block.
 // Loads and stores are 16-byte vectors when the row layout allows (a scalar head aligns them).
 // Accumulation in fp32 (fp64 for fp64 inputs). Launches on the current stream; no host sync.
 #include <ATen/ATen.h>
@@ -129,30 +131,16 @@ __device__ __forceinline__ int64_t head_of(int64_t row_offset, int64_t V) {
   return h < V ? h : V;
 }
 
+// One row's online statistics, accumulated by nthreads threads (tid = 0..nthreads-1), VEC-wide.
 template <typename scalar_t, int VEC>
-__global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
-                                  int64_t sa, int64_t sb, const bool* __restrict__ mask,
-                                  int64_t N, int64_t V, int mode,
-                                  typename AccType<scalar_t>::type* __restrict__ rows,
-                                  typename AccType<scalar_t>::type* __restrict__ stats) {
+__device__ __forceinline__ void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t V,
+                                               int64_t head, int tid, int nthreads,
+                                               Online<typename AccType<scalar_t>::type>& pa,
+                                               Online<typename AccType<scalar_t>::type>& pb) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t smem[6 * kMaxWarps];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= N) return;  // only in warp-per-row mode, where no __syncthreads follows
-  acc_t* st = stats + 4 * row;
-  if (mask != nullptr && !mask[row]) {  // uniform over the threads of a row
-    if (threadIdx.x == 0) {
-      rows[row] = 0;
-      st[0] = st[1] = st[2] = st[3] = 0;
-    }
-    return;
-  }
-  const scalar_t* a = A + row * sa;
-  const scalar_t* b = B + row * sb;
-  Online<acc_t> pa, pb;
   pa.init();
   pb.init();
-  for_row<scalar_t, VEC>(a, b, V, head_of<VEC>(row * sa, V), threadIdx.x, blockDim.x,
+  for_row<scalar_t, VEC>(a, b, V, head, tid, nthreads,
                          [&](int64_t, const acc_t* xs, const acc_t* ys, int K) {
     acc_t cma = neg_inf<acc_t>(), cmb = neg_inf<acc_t>();
     for (int k = 0; k < K; ++k) {
@@ -166,6 +154,85 @@ __global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t
       pb.add(ys[k], ob, diff);
     }
   });
+}
+
+// From a row's merged statistics: its value and stats = (lse_a, lse_b, KL(P||Q), KL(Q||P)).
+template <typename acc_t>
+__device__ __forceinline__ void write_row(const Online<acc_t>& pa, const Online<acc_t>& pb,
+                                          int mode, acc_t* row_value, acc_t* st) {
+  const acc_t lse_a = pa.m + dlog(pa.s);
+  const acc_t lse_b = pb.m + dlog(pb.s);
+  const acc_t ep = pa.t / pa.s;  // E_P[a-b]
+  const acc_t eq = pb.t / pb.s;  // E_Q[a-b]
+  st[0] = lse_a;
+  st[1] = lse_b;
+  st[2] = ep - (lse_a - lse_b);  // KL(P||Q)
+  st[3] = (lse_a - lse_b) - eq;  // KL(Q||P)
+  *row_value = mode == 2 ? st[3] : ep - eq;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void write_masked_row(acc_t* row_value, acc_t* st) {
+  *row_value = 0;
+  st[0] = st[1] = st[2] = st[3] = 0;
+}
+
+// Reduction (checks.h), by one whole block: sum of rows in double and counted rows, in a fixed
+// order (deterministic); writes scale and, unless reduction is none, out = sum * scale.
+template <typename acc_t>
+__device__ void block_finalize(const acc_t* rows, const bool* mask, int64_t N, int64_t V,
+                               int64_t reduction, acc_t* out, acc_t* scale) {
+  __shared__ double sum_smem[kMaxWarps];
+  __shared__ long long count_smem[kMaxWarps];
+  const int nthreads = blockDim.x * blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  double sum = 0;
+  long long count = 0;
+  for (int64_t i = tid; i < N; i += nthreads) {
+    if (reduction != kNone) sum += static_cast<double>(rows[i]);
+    count += mask == nullptr ? 1 : static_cast<long long>(mask[i]);
+  }
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    sum += __shfl_down_sync(0xffffffffu, sum, off);
+    count += __shfl_down_sync(0xffffffffu, count, off);
+  }
+  const int lane = tid % kWarp, warp = tid / kWarp, nwarps = nthreads / kWarp;
+  if (lane == 0) {
+    sum_smem[warp] = sum;
+    count_smem[warp] = count;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    sum = 0;
+    count = 0;
+    for (int w = 0; w < nwarps; ++w) {
+      sum += sum_smem[w];
+      count += count_smem[w];
+    }
+    const double sc = reduction_scale(reduction, count, V);
+    *scale = static_cast<acc_t>(sc);
+    if (reduction != kNone) *out = static_cast<acc_t>(sum * sc);
+  }
+}
+
+template <typename scalar_t, int VEC>
+__global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                                  int64_t sa, int64_t sb, const bool* __restrict__ mask,
+                                  int64_t N, int64_t V, int mode,
+                                  typename AccType<scalar_t>::type* __restrict__ rows,
+                                  typename AccType<scalar_t>::type* __restrict__ stats) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t smem[6 * kMaxWarps];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= N) return;  // only in warp-per-row mode, where no __syncthreads follows
+  if (mask != nullptr && !mask[row]) {  // uniform over the threads of a row
+    if (threadIdx.x == 0) write_masked_row(rows + row, stats + 4 * row);
+    return;
+  }
+  Online<acc_t> pa, pb;
+  accumulate_row<scalar_t, VEC>(A + row * sa, B + row * sb, V, head_of<VEC>(row * sa, V),
+                                threadIdx.x, blockDim.x, pa, pb);
   pa.warp_reduce();
   pb.warp_reduce();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -187,21 +254,50 @@ __global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t
     pa.warp_reduce();
     pb.warp_reduce();
   }
-  if (lane != 0) return;
-  const acc_t lse_a = pa.m + dlog(pa.s);
-  const acc_t lse_b = pb.m + dlog(pb.s);
-  const acc_t ep = pa.t / pa.s;  // E_P[a-b]
-  const acc_t eq = pb.t / pb.s;  // E_Q[a-b]
-  st[0] = lse_a;
-  st[1] = lse_b;
-  st[2] = ep - (lse_a - lse_b);  // KL(P||Q)
-  st[3] = (lse_a - lse_b) - eq;  // KL(Q||P)
-  rows[row] = mode == 2 ? st[3] : ep - eq;
+  if (lane == 0) write_row(pa, pb, mode, rows + row, stats + 4 * row);
+}
+
+// The reduction of sym_kl_fwd_kernel's rows: one block.
+template <typename acc_t>
+__global__ void sym_kl_finalize_kernel(const acc_t* __restrict__ rows,
+                                       const bool* __restrict__ mask, int64_t N, int64_t V,
+                                       int64_t reduction, acc_t* __restrict__ out,
+                                       acc_t* __restrict__ scale) {
+  block_finalize(rows, mask, N, V, reduction, out, scale);
+}
+
+// Small problems in ONE launch: a single block, one warp per row in turn, then the reduction.
+// (A classification head's loss: launch-bound, so one launch instead of two.)
+template <typename scalar_t>
+__global__ void sym_kl_small_kernel(const scalar_t* __restrict__ A,
+                                    const scalar_t* __restrict__ B, int64_t sa, int64_t sb,
+                                    const bool* __restrict__ mask, int64_t N, int64_t V, int mode,
+                                    int64_t reduction,
+                                    typename AccType<scalar_t>::type* __restrict__ rows,
+                                    typename AccType<scalar_t>::type* __restrict__ stats,
+                                    typename AccType<scalar_t>::type* __restrict__ out,
+                                    typename AccType<scalar_t>::type* __restrict__ scale) {
+  using acc_t = typename AccType<scalar_t>::type;
+  for (int64_t row = threadIdx.y; row < N; row += blockDim.y) {
+    if (mask != nullptr && !mask[row]) {
+      if (threadIdx.x == 0) write_masked_row(rows + row, stats + 4 * row);
+      continue;
+    }
+    Online<acc_t> pa, pb;
+    accumulate_row<scalar_t, 1>(A + row * sa, B + row * sb, V, 0, threadIdx.x, kWarp, pa, pb);
+    pa.warp_reduce();
+    pb.warp_reduce();
+    if (threadIdx.x == 0) write_row(pa, pb, mode, rows + row, stats + 4 * row);
+  }
+  __syncthreads();  // the rows are written: reduce them
+  block_finalize(rows, mask, N, V, reduction, out, scale);
 }
 
 template <typename scalar_t, int VEC>
-__global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __restrict__ grad_rows,
-                                  int64_t sg, const scalar_t* __restrict__ A,
+__global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __restrict__ grad_out,
+                                  int64_t sg,
+                                  const typename AccType<scalar_t>::type* __restrict__ scale,
+                                  const scalar_t* __restrict__ A,
                                   const scalar_t* __restrict__ B, int64_t sa, int64_t sb,
                                   const bool* __restrict__ mask,
                                   const typename AccType<scalar_t>::type* __restrict__ stats,
@@ -213,7 +309,7 @@ __global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __rest
   scalar_t* ga = GA == nullptr ? nullptr : GA + row * V;
   scalar_t* gb = GB == nullptr ? nullptr : GB + row * V;
   const bool keep = mask == nullptr || mask[row];
-  const acc_t g = keep ? grad_rows[row * sg] : acc_t(0);
+  const acc_t g = keep ? grad_out[row * sg] * scale[0] : acc_t(0);
   const acc_t* st = stats + 4 * row;
   const acc_t lse_a = st[0], lse_b = st[1], kl_pq = st[2], kl_qp = st[3];
   const scalar_t* a = A + row * sa;
@@ -269,21 +365,21 @@ Launch launch_shape(int64_t N, int64_t V) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-std::tuple<at::Tensor, at::Tensor> sym_kl_fwd_cuda(const at::Tensor& input,
-                                                   const at::Tensor& target,
-                                                   const c10::optional<at::Tensor>& mask,
-                                                   int64_t mode) {
+constexpr int64_t kSmallElements = 1 << 16;  // fused single-launch path up to this N * V
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    int64_t mode, int64_t reduction) {
   check_rows_pair(input, target, mask, mode);
+  check_reduction(reduction);
   const at::cuda::OptionalCUDAGuard guard(input.device());
   const int64_t N = input.size(0), V = input.size(1);
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor rows = at::empty({N}, input.options().dtype(acc));
-  at::Tensor stats = at::empty({N, 4}, input.options().dtype(acc));
-  if (N == 0) return {rows, stats};
+  auto [out, stats, scale] = alloc_fwd_outputs(input, reduction);
+  at::Tensor rows = reduction == kNone ? out : at::empty({N}, stats.options());
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
-  const Launch L = launch_shape(N, V);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool small = V <= kShortRow && N * V <= kSmallElements;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sym_kl_fwd_cuda",
                                   [&] {
     using acc_t = typename AccType<scalar_t>::type;
@@ -291,29 +387,48 @@ std::tuple<at::Tensor, at::Tensor> sym_kl_fwd_cuda(const at::Tensor& input,
     const scalar_t* a = input.data_ptr<scalar_t>();
     const scalar_t* b = target.data_ptr<scalar_t>();
     const int64_t sa = input.stride(0), sb = target.stride(0);
-    const bool vec = aligned16(a) && aligned16(b) && (sa - sb) % VEC == 0;
-    auto kernel = vec ? sym_kl_fwd_kernel<scalar_t, VEC> : sym_kl_fwd_kernel<scalar_t, 1>;
-    kernel<<<L.grid, L.block, 0, stream>>>(a, b, sa, sb, mask_p, N, V, static_cast<int>(mode),
-                                           rows.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    acc_t* rows_p = rows.data_ptr<acc_t>();
+    acc_t* stats_p = stats.data_ptr<acc_t>();
+    acc_t* out_p = out.data_ptr<acc_t>();
+    acc_t* scale_p = scale.data_ptr<acc_t>();
+    if (small) {
+      sym_kl_small_kernel<scalar_t><<<1, dim3(kWarp, kRowsPerBlockShort), 0, stream>>>(
+          a, b, sa, sb, mask_p, N, V, static_cast<int>(mode), reduction, rows_p, stats_p, out_p,
+          scale_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (N > 0) {
+      const Launch L = launch_shape(N, V);
+      const bool vec = aligned16(a) && aligned16(b) && (sa - sb) % VEC == 0;
+      auto kernel = vec ? sym_kl_fwd_kernel<scalar_t, VEC> : sym_kl_fwd_kernel<scalar_t, 1>;
+      kernel<<<L.grid, L.block, 0, stream>>>(a, b, sa, sb, mask_p, N, V, static_cast<int>(mode),
+                                             rows_p, stats_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    sym_kl_finalize_kernel<acc_t><<<1, 1024, 0, stream>>>(rows_p, mask_p, N, V, reduction, out_p,
+                                                          scale_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {rows, stats};
+  return {out, stats, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> sym_kl_bwd_cuda(const at::Tensor& grad_rows,
+std::tuple<at::Tensor, at::Tensor> sym_kl_bwd_cuda(const at::Tensor& grad_out,
+                                                   const at::Tensor& scale,
                                                    const at::Tensor& input,
                                                    const at::Tensor& target,
                                                    const c10::optional<at::Tensor>& mask,
                                                    const at::Tensor& stats, int64_t mode,
                                                    bool need_input, bool need_target) {
   check_rows_pair(input, target, mask, mode);
-  check_bwd_extra(grad_rows, input, stats);
+  check_bwd_extra(grad_out, scale, input, stats);
   const at::cuda::OptionalCUDAGuard guard(input.device());
   const int64_t N = input.size(0), V = input.size(1);
   at::Tensor ga = need_input ? at::empty({N, V}, input.options()) : at::empty({0}, input.options());
   at::Tensor gb = need_target ? at::empty({N, V}, input.options()) : at::empty({0}, input.options());
   if (N == 0 || !(need_input || need_target)) return {ga, gb};
-  at::Tensor g = grad_rows.to(stats.scalar_type());
+  at::Tensor g = grad_out.to(stats.scalar_type());
+  const int64_t sg = g.dim() == 0 ? 0 : g.stride(0);
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   const Launch L = launch_shape(N, V);
@@ -332,9 +447,9 @@ std::tuple<at::Tensor, at::Tensor> sym_kl_bwd_cuda(const at::Tensor& grad_rows,
                      (gb_p == nullptr || aligned16(gb_p)) && (sa - V) % VEC == 0 &&
                      (sb - V) % VEC == 0;
     auto kernel = vec ? sym_kl_bwd_kernel<scalar_t, VEC> : sym_kl_bwd_kernel<scalar_t, 1>;
-    kernel<<<L.grid, L.block, 0, stream>>>(g.data_ptr<acc_t>(), g.stride(0), a, b, sa, sb, mask_p,
-                                           stats.data_ptr<acc_t>(), ga_p, gb_p, N, V,
-                                           static_cast<int>(mode));
+    kernel<<<L.grid, L.block, 0, stream>>>(g.data_ptr<acc_t>(), sg, scale.data_ptr<acc_t>(), a, b,
+                                           sa, sb, mask_p, stats.data_ptr<acc_t>(), ga_p, gb_p, N,
+                                           V, static_cast<int>(mode));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ga, gb};

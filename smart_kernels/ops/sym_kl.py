@@ -3,10 +3,12 @@
 The kernels work on rows [N, V] and return per-row values plus per-row statistics [N, 4] that
 the backward reuses:
 * native: ``torch.ops.smart_kernels.sym_kl_fwd/_bwd`` (csrc/cpu, csrc/cuda) under the
-  differentiable, reduced ``torch.ops.smart_kernels.sym_kl`` whose autograd is C++
+  differentiable ``torch.ops.smart_kernels.sym_kl`` whose autograd is C++
   (csrc/autograd/sym_kl.cpp) to keep the eager call cheap;
 * triton: ``torch.ops.smart_kernels.sym_kl_fwd_triton/_bwd_triton`` (defined here), with the
-  autograd formula registered here and the reduction in plain PyTorch.
+  autograd formula registered here.
+The forward kernels also reduce (out = sum(rows) * scale, or the rows for "none") and return the
+0-d ``scale`` that the backward applies to every row's gradient.
 Every op has a fake (meta) implementation, so both run under ``torch.compile(fullgraph=True)``.
 """
 
@@ -24,21 +26,27 @@ KL_MODE = 2
 
 
 # --------------------------------------------------------------------------------------------
-# Triton ops (defined in Python; the kernels are imported on first use).
+# Triton ops (defined in Python; the kernels are imported on first use). Same contract as the
+# native sym_kl_fwd / sym_kl_bwd (csrc/smart_kernels.cpp).
 
 
 @torch.library.custom_op("smart_kernels::sym_kl_fwd_triton", mutates_args=())
 def _sym_kl_fwd_triton(
-    input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, mode: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    input: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: int,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from smart_kernels.triton import sym_kl as kernels
 
-    return kernels.sym_kl_fwd(input, target, mask, mode)
+    return kernels.sym_kl_fwd(input, target, mask, mode, reduction)
 
 
 @torch.library.custom_op("smart_kernels::sym_kl_bwd_triton", mutates_args=())
 def _sym_kl_bwd_triton(
-    grad_rows: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: torch.Tensor,
     input: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor | None,
@@ -49,59 +57,61 @@ def _sym_kl_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from smart_kernels.triton import sym_kl as kernels
 
-    return kernels.sym_kl_bwd(grad_rows, input, target, mask, stats, mode, need_input, need_target)
+    return kernels.sym_kl_bwd(
+        grad_out, scale, input, target, mask, stats, mode, need_input, need_target
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# Fake implementations and autograd, shared by the native and triton ops.
+# Fake implementations (native and triton ops) and the triton autograd formula.
 
 
-def _fwd_fake(input, target, mask, mode):
+def _fwd_fake(input, target, mask, mode, reduction):
     acc = reference.acc_dtype(input.dtype)
     n = input.shape[0]
-    return input.new_empty((n,), dtype=acc), input.new_empty((n, 4), dtype=acc)
+    out_shape = (n,) if reduction == REDUCTION_CODES["none"] else ()
+    return (
+        input.new_empty(out_shape, dtype=acc),
+        input.new_empty((n, 4), dtype=acc),
+        input.new_empty((), dtype=acc),
+    )
 
 
-def _bwd_fake(grad_rows, input, target, mask, stats, mode, need_input, need_target):
+def _bwd_fake(grad_out, scale, input, target, mask, stats, mode, need_input, need_target):
     ga = input.new_empty(input.shape if need_input else (0,))
     gb = input.new_empty(input.shape if need_target else (0,))
     return ga, gb
 
 
-def _setup_context(ctx, inputs, output):
-    input, target, mask, mode = inputs
-    ctx.save_for_backward(input, target, mask, output[1])
-    ctx.mode = mode
-
-
-def _make_backward(bwd_op):
-    def backward(ctx, grad_rows, _grad_stats):
-        input, target, mask, stats = ctx.saved_tensors
-        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga, gb = bwd_op(grad_rows, input, target, mask, stats, ctx.mode, need_input, need_target)
-        return (ga if need_input else None, gb if need_target else None, None, None)
-
-    return backward
-
-
-def _register(fwd_name: str, bwd_name: str) -> None:
-    torch.library.register_fake(fwd_name)(_fwd_fake)
-    torch.library.register_fake(bwd_name)(_bwd_fake)
-    bwd_op = getattr(torch.ops.smart_kernels, bwd_name.split("::")[1])
-    torch.library.register_autograd(
-        fwd_name, _make_backward(bwd_op), setup_context=_setup_context
-    )
-
-
 def _sym_kl_fake(input, target, mask, mode, reduction):
     acc = reference.acc_dtype(input.dtype)
-    shape = (input.shape[0],) if reduction == REDUCTION_CODES["none"] else ()
+    shape = input.shape[:-1] if reduction == REDUCTION_CODES["none"] else ()
     return input.new_empty(shape, dtype=acc)
 
 
-_register("smart_kernels::sym_kl_fwd_triton", "smart_kernels::sym_kl_bwd_triton")
+def _triton_setup_context(ctx, inputs, output):
+    input, target, mask, mode, _ = inputs
+    _, stats, scale = output
+    ctx.save_for_backward(input, target, mask, stats, scale)
+    ctx.mode = mode
+
+
+def _triton_backward(ctx, grad_out, _grad_stats, _grad_scale):
+    input, target, mask, stats, scale = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ga, gb = _sym_kl_bwd_triton(
+        grad_out, scale, input, target, mask, stats, ctx.mode, need_input, need_target
+    )
+    return (ga if need_input else None, gb if need_target else None, None, None, None)
+
+
+torch.library.register_fake("smart_kernels::sym_kl_fwd_triton")(_fwd_fake)
+torch.library.register_fake("smart_kernels::sym_kl_bwd_triton")(_bwd_fake)
+torch.library.register_autograd(
+    "smart_kernels::sym_kl_fwd_triton", _triton_backward, setup_context=_triton_setup_context
+)
 if _backends._NATIVE_ERROR is None:
-    # autograd of the native ops is C++ (csrc/autograd/sym_kl.cpp): only fakes here
+    # autograd of the native op is C++ (csrc/autograd/sym_kl.cpp): only fakes here
     torch.library.register_fake("smart_kernels::sym_kl_fwd")(_fwd_fake)
     torch.library.register_fake("smart_kernels::sym_kl_bwd")(_bwd_fake)
     torch.library.register_fake("smart_kernels::sym_kl")(_sym_kl_fake)
@@ -118,7 +128,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(
-    op: str,
     input: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor | None,
@@ -126,22 +135,18 @@ def _run(
     reduction: str,
     backend: str | None,
 ) -> torch.Tensor:
-    name = _backends.choose(op, backend, input.device)
-    if name == "reference":
-        if mode == KL_MODE:
-            return reference.kl(input, target, reduction=reduction, mask=mask)
-        grad = "full" if mode == 0 else "stop_grad"
-        return reference.sym_kl(input, target, reduction=reduction, grad=grad, mask=mask)
-    flat_mask = None if mask is None else mask.reshape(-1)
+    name = _backends.choose("sym_kl", backend, input.device)
+    code = REDUCTION_CODES[reduction]
     if name == "native":
-        out = torch.ops.smart_kernels.sym_kl(
-            _rows(input), _rows(target), flat_mask, mode, REDUCTION_CODES[reduction]
-        )
+        return torch.ops.smart_kernels.sym_kl(input, target, mask, mode, code)
+    if name == "triton":
+        flat_mask = None if mask is None else mask.reshape(-1)
+        out, _, _ = _sym_kl_fwd_triton(_rows(input), _rows(target), flat_mask, mode, code)
         return out.view(input.shape[:-1]) if reduction == "none" else out
-    rows, _ = _sym_kl_fwd_triton(_rows(input), _rows(target), flat_mask, mode)
-    if reduction == "none":
-        return rows.view(input.shape[:-1])
-    return reference.reduce_rows(rows, flat_mask, reduction, input.shape[-1])
+    if mode == KL_MODE:
+        return reference.kl(input, target, reduction=reduction, mask=mask)
+    grad = "full" if mode == 0 else "stop_grad"
+    return reference.sym_kl(input, target, reduction=reduction, grad=grad, mask=mask)
 
 
 def sym_kl(
@@ -178,7 +183,7 @@ def sym_kl(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("grad", grad, tuple(GRAD_MODES))
     check_row_mask(mask, input)
-    return _run("sym_kl", input, target, mask, GRAD_MODES[grad], reduction, backend)
+    return _run(input, target, mask, GRAD_MODES[grad], reduction, backend)
 
 
 def kl(
@@ -199,4 +204,4 @@ def kl(
     check_logits_pair(input, target)
     check_choice("reduction", reduction, REDUCTIONS)
     check_row_mask(mask, input)
-    return _run("sym_kl", input, target, mask, KL_MODE, reduction, backend)
+    return _run(input, target, mask, KL_MODE, reduction, backend)

@@ -99,6 +99,7 @@ def sym_kl_fwd_kernel(
 def sym_kl_bwd_kernel(
     g_ptr,
     stride_g,
+    scale_ptr,
     a_ptr,
     b_ptr,
     stride_a,
@@ -118,7 +119,7 @@ def sym_kl_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_a
     b_row = b_ptr + row * stride_b
-    g = tl.load(g_ptr + row * stride_g).to(ACC)
+    g = tl.load(g_ptr + row * stride_g).to(ACC) * tl.load(scale_ptr)
     lse_a = tl.load(stats_ptr + row * 4)
     lse_b = tl.load(stats_ptr + row * 4 + 1)
     kl_pq = tl.load(stats_ptr + row * 4 + 2)
@@ -161,29 +162,54 @@ def _launch_config(V: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def _reduction_scale(
+    n: int, v: int, mask: torch.Tensor | None, reduction: int, acc: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """0-d factor from the sum of rows to the reduced value (csrc/checks.h: reduction_scale)."""
+    if reduction not in (2, 3):  # none, sum
+        return torch.ones((), dtype=acc, device=device)
+    per_row = v if reduction == 3 else 1
+    if mask is None:
+        return torch.full((), 1.0 / max(n * per_row, 1), dtype=acc, device=device)
+    return (mask.sum() * per_row).clamp(min=1).to(acc).reciprocal()
+
+
 def sym_kl_fwd(
-    input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, mode: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """input, target: [N, V] with contiguous rows. Returns (rows [N], stats [N, 4]) in acc dtype."""
+    input: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: int,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input, target: [N, V] with contiguous rows; mask: [N] bool or None.
+
+    Returns (out: [N] for reduction 0 (none) else 0-d, stats [N, 4], scale 0-d), in the
+    accumulation dtype, as ``torch.ops.smart_kernels.sym_kl_fwd``.
+    """
     N, V = input.shape
     acc = acc_dtype(input.dtype)
     rows = input.new_empty((N,), dtype=acc)
     stats = input.new_empty((N, 4), dtype=acc)
-    if N == 0:
-        return rows, stats
-    block, num_warps = _launch_config(V)
-    sym_kl_fwd_kernel[(N,)](
-        input, target, input.stride(0), target.stride(0),
-        mask if mask is not None else rows,  # dummy pointer when HAS_MASK is False
-        rows, stats, V,
-        MODE=mode, HAS_MASK=mask is not None, ACC=_TL_ACC[acc], BLOCK_V=block,
-        num_warps=num_warps,
-    )  # fmt: skip
-    return rows, stats
+    if N > 0:
+        block, num_warps = _launch_config(V)
+        sym_kl_fwd_kernel[(N,)](
+            input, target, input.stride(0), target.stride(0),
+            mask if mask is not None else rows,  # dummy pointer when HAS_MASK is False
+            rows, stats, V,
+            MODE=mode, HAS_MASK=mask is not None, ACC=_TL_ACC[acc], BLOCK_V=block,
+            num_warps=num_warps,
+        )  # fmt: skip
+    scale = _reduction_scale(N, V, mask, reduction, acc, input.device)
+    if reduction == 0:
+        return rows, stats, scale
+    out = (rows.sum(dtype=torch.float64) * scale).to(acc)
+    return out, stats, scale
 
 
 def sym_kl_bwd(
-    grad_rows: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: torch.Tensor,
     input: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor | None,
@@ -192,17 +218,21 @@ def sym_kl_bwd(
     need_input: bool,
     need_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of sum_r grad_rows[r] * rows[r]: ([N, V] or empty, [N, V] or empty)."""
+    """Gradients given grad_out ([N] or 0-d); each row's is grad_out * scale.
+
+    Returns ([N, V] or empty, [N, V] or empty) in the input dtype.
+    """
     N, V = input.shape
     ga = input.new_empty((N, V) if need_input else (0,))
     gb = input.new_empty((N, V) if need_target else (0,))
     if N == 0 or not (need_input or need_target):
         return ga, gb
     acc = acc_dtype(input.dtype)
-    grad_rows = grad_rows.to(acc)
+    grad_out = grad_out.to(acc)
+    stride_g = grad_out.stride(0) if grad_out.dim() == 1 else 0
     block, num_warps = _launch_config(V)
     sym_kl_bwd_kernel[(N,)](
-        grad_rows, grad_rows.stride(0), input, target, input.stride(0), target.stride(0),
+        grad_out, stride_g, scale, input, target, input.stride(0), target.stride(0),
         mask if mask is not None else stats, stats,
         ga if need_input else input, gb if need_target else target, V,
         MODE=mode, HAS_MASK=mask is not None, NEED_A=need_input, NEED_B=need_target,
