@@ -26,7 +26,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_CPU) $(DEPS)
 	touch $@
 

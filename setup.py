@@ -33,7 +33,9 @@ def _want_cuda() -> bool:
         problems.append("no CUDA toolkit found (set CUDA_HOME)")
     if problems:
         if mode == "1":
-            sys.exit("SMART_KERNELS_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
+            sys.exit(
+                "SMART_KERNELS_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems)
+            )
         print("smart_kernels: building without CUDA: " + "; ".join(problems))
         return False
     return True

@@ -24,8 +24,12 @@ import common  # noqa: E402
 
 import smart_kernels as sk  # noqa: E402
 
-GPU_SHAPES = [(32, 3, torch.float32), (4096, 32000, torch.float32),
-              (8192, 50257, torch.bfloat16), (4096, 128256, torch.bfloat16)]
+GPU_SHAPES = [
+    (32, 3, torch.float32),
+    (4096, 32000, torch.float32),
+    (8192, 50257, torch.bfloat16),
+    (4096, 128256, torch.bfloat16),
+]
 CPU_SHAPES = [(32, 3, torch.float32), (256, 32000, torch.float32), (64, 50257, torch.bfloat16)]
 
 
@@ -45,8 +49,9 @@ def providers(device: torch.device) -> dict:
     return out
 
 
-def bench_shape(n: int, v: int, dtype: torch.dtype, device: torch.device, copy_bw: float,
-                provs: dict) -> list[dict]:
+def bench_shape(
+    n: int, v: int, dtype: torch.dtype, device: torch.device, copy_bw: float, provs: dict
+) -> list[dict]:
     a = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
     b = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
     elt = a.element_size()
@@ -75,15 +80,24 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: torch.device, copy_b
             continue
         extra = None if peak is None else max(peak - grads_bytes, 0)
         gbps = io_bytes / (ms * 1e-3) / 1e9
-        rows.append({
-            "device": common.device_name(device), "op": "sym_kl_fwd_bwd", "N": n, "V": v,
-            "dtype": str(dtype).replace("torch.", ""), "provider": name,
-            "ms": f"{ms:.4f}", "us": f"{ms * 1e3:.1f}", "fwd_ms": f"{fwd_ms:.4f}",
-            "fwd_us": f"{fwd_ms * 1e3:.1f}", "GB/s": f"{gbps:.0f}",
-            "%copy_bw": f"{100 * gbps / copy_bw:.0f}",
-            "extra_MB": "" if extra is None else f"{extra / 2**20:.1f}",
-            "extra_%inputs": "" if extra is None else f"{100 * extra / inputs_bytes:.2f}",
-        })
+        rows.append(
+            {
+                "device": common.device_name(device),
+                "op": "sym_kl_fwd_bwd",
+                "N": n,
+                "V": v,
+                "dtype": str(dtype).replace("torch.", ""),
+                "provider": name,
+                "ms": f"{ms:.4f}",
+                "us": f"{ms * 1e3:.1f}",
+                "fwd_ms": f"{fwd_ms:.4f}",
+                "fwd_us": f"{fwd_ms * 1e3:.1f}",
+                "GB/s": f"{gbps:.0f}",
+                "%copy_bw": f"{100 * gbps / copy_bw:.0f}",
+                "extra_MB": "" if extra is None else f"{extra / 2**20:.1f}",
+                "extra_%inputs": "" if extra is None else f"{100 * extra / inputs_bytes:.2f}",
+            }
+        )
     base = {r["provider"]: float(r["ms"]) for r in rows}
     base_fwd = {r["provider"]: float(r["fwd_ms"]) for r in rows}
     for r in rows:
@@ -91,9 +105,6 @@ def bench_shape(n: int, v: int, dtype: torch.dtype, device: torch.device, copy_b
         r["x_vs_eager"] = f"{base['eager'] / ms:.2f}" if "eager" in base else ""
         r["x_vs_compile"] = f"{base['compile'] / ms:.2f}" if "compile" in base else ""
         r["fwd_x_vs_eager"] = f"{base_fwd['eager'] / fwd:.2f}" if "eager" in base else ""
-    del a, b
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -108,22 +119,42 @@ def main() -> None:
     if args.quick:
         shapes = shapes[:2]
     copy_bw = common.copy_bandwidth_gbps(device)
-    print(f"device: {common.device_name(device)}  torch {torch.__version__}  "
-          f"copy bandwidth {copy_bw:.0f} GB/s (measured)")
+    print(
+        f"device: {common.device_name(device)}  torch {torch.__version__}  "
+        f"copy bandwidth {copy_bw:.0f} GB/s (measured)"
+    )
     provs = providers(device)
     rows = []
     for n, v, dtype in shapes:
         rows += bench_shape(n, v, dtype, device, copy_bw, provs)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for r in rows:
         r["copy_GB/s"] = f"{copy_bw:.0f}"
         r["torch"] = torch.__version__
     out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "out",
-        "sym_kl_" + common.device_name(device).replace(" ", "_") + ".csv")
+        os.path.dirname(os.path.abspath(__file__)),
+        "out",
+        "sym_kl_" + common.device_name(device).replace(" ", "_") + ".csv",
+    )
     common.write_csv(out, rows)
-    common.print_table(rows, ["N", "V", "dtype", "provider", "ms", "GB/s", "%copy_bw",
-                              "extra_MB", "x_vs_eager", "x_vs_compile", "fwd_us",
-                              "fwd_x_vs_eager"])
+    common.print_table(
+        rows,
+        [
+            "N",
+            "V",
+            "dtype",
+            "provider",
+            "ms",
+            "GB/s",
+            "%copy_bw",
+            "extra_MB",
+            "x_vs_eager",
+            "x_vs_compile",
+            "fwd_us",
+            "fwd_x_vs_eager",
+        ],
+    )
     print(f"wrote {out}")
 
 

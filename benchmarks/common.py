@@ -23,8 +23,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5,
-            batches: int = 7, min_time_s: float = 0.3) -> float:
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    batches: int = 7,
+    min_time_s: float = 0.3,
+) -> float:
     """Milliseconds per call of ``fn``: the median over ``batches`` of the mean time of a batch of
     back-to-back calls. Back-to-back batches measure launch-bound calls as a training loop runs
     them (the host's issue time included); for long calls it is the plain kernel time."""
@@ -87,6 +93,6 @@ def write_csv(path: str, rows: Sequence[dict]) -> None:
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))

@@ -38,8 +38,9 @@ def main() -> None:
 
     def eager(x, y):
         loss = F.kl_div(F.log_softmax(x, -1), F.softmax(y, -1).detach(), reduction="batchmean")
-        return loss + F.kl_div(F.log_softmax(y, -1), F.softmax(x, -1).detach(),
-                               reduction="batchmean")
+        return loss + F.kl_div(
+            F.log_softmax(y, -1), F.softmax(x, -1).detach(), reduction="batchmean"
+        )
 
     def ours(x, y):
         return sk.sym_kl(x, y, grad="stop_grad", backend="native")
@@ -49,13 +50,15 @@ def main() -> None:
             a.grad = None
             b.grad = None
             f(a, b).backward(one)
+
         return run
 
     loss = ours(a, b)
     probes = {
         "empty kernel launch (x.add_(0))": lambda: a.data.add_(0),
         "raw native fwd op (no autograd)": lambda: torch.ops.smart_kernels.sym_kl_fwd(
-            a.detach(), b.detach(), None, 1, 2),
+            a.detach(), b.detach(), None, 1, 2
+        ),
         "ours forward, no grad": lambda: torch.no_grad()(ours)(a, b),
         "eager forward, no grad": lambda: torch.no_grad()(eager)(a, b),
         "ours forward": lambda: ours(a, b),

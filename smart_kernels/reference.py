@@ -83,6 +83,15 @@ def reduce_rows(
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def _drop_masked_rows(input, target, mask):
+    """Zero the logits of masked rows, so that their content (even inf/NaN) cannot reach the
+    value or the gradients: a masked row contributes 0 and gets a zero gradient."""
+    if mask is None:
+        return input, target
+    keep = mask.unsqueeze(-1)
+    return input.masked_fill(~keep, 0.0), target.masked_fill(~keep, 0.0)
+
+
 def sym_kl(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -92,6 +101,7 @@ def sym_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference ``sk.sym_kl``; see ``smart_kernels.sym_kl`` for the contract."""
+    input, target = _drop_masked_rows(input, target, mask)
     rows = sym_kl_rows(input, target, grad)
     if mask is not None:
         rows = torch.where(mask, rows, 0.0)
@@ -106,6 +116,7 @@ def kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference ``sk.kl``; see ``smart_kernels.kl`` for the contract."""
+    input, target = _drop_masked_rows(input, target, mask)
     rows = kl_rows(input, target)
     if mask is not None:
         rows = torch.where(mask, rows, 0.0)

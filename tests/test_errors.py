@@ -17,38 +17,90 @@ CASES = [
     # (description, kwargs builder, exception, argument named in the message)
     ("shape mismatch", lambda: dict(input=logits(4, 6), target=logits(4, 7)), ValueError, "target"),
     ("V = 0", lambda: dict(input=logits(4, 0), target=logits(4, 0)), ValueError, "input"),
-    ("0-d input", lambda: dict(input=torch.tensor(1.0), target=torch.tensor(1.0)), ValueError,
-     "input"),
-    ("integer input", lambda: dict(input=torch.ones(4, 6, dtype=torch.long),
-                                   target=logits(4, 6)), TypeError, "input"),
-    ("integer target", lambda: dict(input=logits(4, 6),
-                                    target=torch.ones(4, 6, dtype=torch.int32)), TypeError, "target"),
-    ("mixed dtypes", lambda: dict(input=logits(4, 6), target=logits(4, 6, dtype=torch.float64)),
-     TypeError, "target"),
+    (
+        "0-d input",
+        lambda: dict(input=torch.tensor(1.0), target=torch.tensor(1.0)),
+        ValueError,
+        "input",
+    ),
+    (
+        "integer input",
+        lambda: dict(input=torch.ones(4, 6, dtype=torch.long), target=logits(4, 6)),
+        TypeError,
+        "input",
+    ),
+    (
+        "integer target",
+        lambda: dict(input=logits(4, 6), target=torch.ones(4, 6, dtype=torch.int32)),
+        TypeError,
+        "target",
+    ),
+    (
+        "mixed dtypes",
+        lambda: dict(input=logits(4, 6), target=logits(4, 6, dtype=torch.float64)),
+        TypeError,
+        "target",
+    ),
     ("not a tensor", lambda: dict(input=[[1.0, 2.0]], target=logits(1, 2)), TypeError, "input"),
-    ("mixed devices", lambda: dict(input=logits(4, 6), target=logits(4, 6, device="meta")),
-     ValueError, "target"),
-    ("unknown reduction", lambda: dict(input=ok()[0], target=ok()[1], reduction="avg"),
-     ValueError, "reduction"),
-    ("unknown grad", lambda: dict(input=ok()[0], target=ok()[1], grad="partial"), ValueError,
-     "grad"),
-    ("mask wrong shape", lambda: dict(input=ok()[0], target=ok()[1],
-                                      mask=torch.ones(4, 6, dtype=torch.bool)), ValueError, "mask"),
-    ("mask wrong dtype", lambda: dict(input=ok()[0], target=ok()[1], mask=torch.ones(4)),
-     TypeError, "mask"),
-    ("mask not a tensor", lambda: dict(input=ok()[0], target=ok()[1], mask=[True] * 4),
-     TypeError, "mask"),
-    ("mask on another device", lambda: dict(input=ok()[0], target=ok()[1],
-                                            mask=torch.ones(4, dtype=torch.bool, device="meta")),
-     ValueError, "mask"),
-    ("unknown backend", lambda: dict(input=ok()[0], target=ok()[1], backend="cuda"), ValueError,
-     "backend"),
+    (
+        "mixed devices",
+        lambda: dict(input=logits(4, 6), target=logits(4, 6, device="meta")),
+        ValueError,
+        "target",
+    ),
+    (
+        "unknown reduction",
+        lambda: dict(input=ok()[0], target=ok()[1], reduction="avg"),
+        ValueError,
+        "reduction",
+    ),
+    (
+        "unknown grad",
+        lambda: dict(input=ok()[0], target=ok()[1], grad="partial"),
+        ValueError,
+        "grad",
+    ),
+    (
+        "mask wrong shape",
+        lambda: dict(input=ok()[0], target=ok()[1], mask=torch.ones(4, 6, dtype=torch.bool)),
+        ValueError,
+        "mask",
+    ),
+    (
+        "mask wrong dtype",
+        lambda: dict(input=ok()[0], target=ok()[1], mask=torch.ones(4)),
+        TypeError,
+        "mask",
+    ),
+    (
+        "mask not a tensor",
+        lambda: dict(input=ok()[0], target=ok()[1], mask=[True] * 4),
+        TypeError,
+        "mask",
+    ),
+    (
+        "mask on another device",
+        lambda: dict(
+            input=ok()[0], target=ok()[1], mask=torch.ones(4, dtype=torch.bool, device="meta")
+        ),
+        ValueError,
+        "mask",
+    ),
+    (
+        "unknown backend",
+        lambda: dict(input=ok()[0], target=ok()[1], backend="cuda"),
+        ValueError,
+        "backend",
+    ),
 ]
 
 
-PARAMS = [pytest.param(op, *case, id=f"{op.__name__}-{case[0]}")
-          for op in (sk.sym_kl, sk.kl) for case in CASES
-          if not (op is sk.kl and case[0] == "unknown grad")]  # kl has no grad argument
+PARAMS = [
+    pytest.param(op, *case, id=f"{op.__name__}-{case[0]}")
+    for op in (sk.sym_kl, sk.kl)
+    for case in CASES
+    if not (op is sk.kl and case[0] == "unknown grad")
+]  # kl has no grad argument
 
 
 @pytest.mark.parametrize("op,desc,build,exc,arg", PARAMS)

@@ -31,8 +31,17 @@ def oracle(op: str, a, b, **kw):
     return fn(a64, b64, **kw), a64, b64
 
 
-def run_both(op, shape, dtype, backend, reduction="batchmean", grad="full", mask=None,
-             make=None, need=(True, True)):
+def run_both(
+    op,
+    shape,
+    dtype,
+    backend,
+    reduction="batchmean",
+    grad="full",
+    mask=None,
+    make=None,
+    need=(True, True),
+):
     """Forward + backward with a random grad_output, ours and the oracle's."""
     a, b = make(shape) if make else (logits(*shape, dtype=dtype), logits(*shape, dtype=dtype))
     a.requires_grad_(need[0])
@@ -114,7 +123,7 @@ def test_low_precision_within_2x_eager(backend, dtype, op, grad):
     eager = grads(eager_fn, dtype)
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
-    for mine, theirs, exact in zip(ours, eager, oracle64):
+    for mine, theirs, exact in zip(ours, eager, oracle64, strict=True):
         assert max_err(mine, exact) <= 2 * max_err(theirs, exact) + 1e-6
 
 
@@ -129,8 +138,9 @@ def test_row_mask(backend, reduction, op):
     mask = torch.rand(3, 5) > 0.4
     mask[0, 0] = True
     mask[0, 1] = False
-    out, ref, (a, a64), (b, b64) = run_both(op, (3, 5, 33), torch.float32, backend, reduction,
-                                            mask=mask)
+    out, ref, (a, a64), (b, b64) = run_both(
+        op, (3, 5, 33), torch.float32, backend, reduction, mask=mask
+    )
     assert rel_err(out, ref) <= 1e-5
     assert rel_err(a.grad, a64.grad) <= 1e-5
     assert rel_err(b.grad, b64.grad) <= 1e-5
@@ -147,8 +157,7 @@ def test_all_rows_masked_gives_zero(backend, reduction):
     out = sk.sym_kl(a, b, reduction=reduction, mask=mask, backend=backend)
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
-    if backend != "reference":
-        assert (a.grad == 0).all() and (b.grad == 0).all()
+    assert (a.grad == 0).all() and (b.grad == 0).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -168,7 +177,6 @@ def test_neg_inf_in_both_contributes_zero(backend, op, grad):
     ref = oracle(op, a_live, b_live, grad=grad)[0]
     out.backward()
     ref.backward()
-    a_live, b_live = oracle(op, a_live, b_live, grad=grad)[1:]  # fresh leaves for grads
     assert torch.isfinite(out)
     assert rel_err(out, ref) <= 1e-5
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
@@ -254,8 +262,7 @@ def test_zero_rows(backend, reduction):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_only_required_gradients(backend, need):
-    out, ref, (a, a64), (b, b64) = run_both("sym_kl", (4, 19), torch.float32, backend,
-                                            need=need)
+    out, ref, (a, a64), (b, b64) = run_both("sym_kl", (4, 19), torch.float32, backend, need=need)
     for t, t64, wanted in ((a, a64, need[0]), (b, b64, need[1])):
         if wanted:
             assert rel_err(t.grad, t64.grad) <= 1e-5
@@ -294,7 +301,9 @@ def test_gradcheck_fp64(backend, op, grad):
     b = logits(3, 5, dtype=torch.float64).requires_grad_()
     mask = torch.tensor([True, False, True])
     for red in ("batchmean", "none"):
-        fn = lambda x, y: call(op, x, y, reduction=red, grad=grad, mask=mask, backend=backend)
+        fn = lambda x, y, red=red: call(
+            op, x, y, reduction=red, grad=grad, mask=mask, backend=backend
+        )
         if grad == "stop_grad":
             # not the gradient of the value by design: compare with the stated formula instead
             out = fn(a, b)
@@ -305,7 +314,6 @@ def test_gradcheck_fp64(backend, op, grad):
             torch.testing.assert_close(gb, (q - p) * scale)
         else:
             assert torch.autograd.gradcheck(fn, (a, b))
-            assert torch.autograd.gradgradcheck is not None
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS_CPU)

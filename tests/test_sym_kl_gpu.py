@@ -11,8 +11,9 @@ import smart_kernels as sk
 from smart_kernels import _backends, reference
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [b for b in ("native", "triton") if torch.cuda.is_available()
-                and b in backends_for("cuda")]
+GPU_BACKENDS = [
+    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
+]
 MODES = [("sym_kl", "full"), ("sym_kl", "stop_grad"), ("kl", None)]
 
 
@@ -48,8 +49,9 @@ def _check(op, grad, a0, b0, backend, tol=1e-5, reduction="batchmean", mask=None
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("op,grad", MODES)
-@pytest.mark.parametrize("shape", [(7, 3), (5, 1), (2, 3, 1000), (3, 2049), (3, 32001),
-                                   (2, 262144), (33, 50257)])
+@pytest.mark.parametrize(
+    "shape", [(7, 3), (5, 1), (2, 3, 1000), (3, 2049), (3, 32001), (2, 262144), (33, 50257)]
+)
 def test_fp32_matches_oracle(backend, op, grad, shape):
     _check(op, grad, logits(*shape, device="cuda"), logits(*shape, device="cuda"), backend)
 
@@ -59,12 +61,24 @@ def test_fp32_matches_oracle(backend, op, grad, shape):
 def test_reductions_and_masks(backend, reduction):
     mask = torch.rand(3, 9, device="cuda") > 0.5
     mask[0, 0] = True
-    a, b = _check("sym_kl", "full", logits(3, 9, 700, device="cuda"),
-                  logits(3, 9, 700, device="cuda"), backend, reduction=reduction, mask=mask)
+    a, b = _check(
+        "sym_kl",
+        "full",
+        logits(3, 9, 700, device="cuda"),
+        logits(3, 9, 700, device="cuda"),
+        backend,
+        reduction=reduction,
+        mask=mask,
+    )
     assert (a.grad[~mask] == 0).all() and (b.grad[~mask] == 0).all()
     none = torch.zeros(3, 9, dtype=torch.bool, device="cuda")
-    out = sk.sym_kl(logits(3, 9, 70, device="cuda"), logits(3, 9, 70, device="cuda"),
-                    reduction=reduction, mask=none, backend=backend)
+    out = sk.sym_kl(
+        logits(3, 9, 70, device="cuda"),
+        logits(3, 9, 70, device="cuda"),
+        reduction=reduction,
+        mask=none,
+        backend=backend,
+    )
     assert (out == 0).all()
 
 
@@ -103,9 +117,10 @@ def test_low_precision_within_2x_eager(backend, dtype, op, grad):
     if op == "kl":
         eager = run(lambda a, b: reference.kl_rows(a, b, compute_dtype=dtype).sum(), dtype)
     else:
-        eager = run(lambda a, b: reference.sym_kl_rows(a, b, grad, compute_dtype=dtype).sum(),
-                    dtype)
-    for mine, theirs, ex in zip(ours, eager, exact):
+        eager = run(
+            lambda a, b: reference.sym_kl_rows(a, b, grad, compute_dtype=dtype).sum(), dtype
+        )
+    for mine, theirs, ex in zip(ours, eager, exact, strict=True):
         assert max_err(mine, ex) <= 2 * max_err(theirs, ex) + 1e-6
 
 
@@ -113,8 +128,14 @@ def test_low_precision_within_2x_eager(backend, dtype, op, grad):
 @pytest.mark.parametrize("op,grad", MODES)
 def test_float64(backend, op, grad):
     shape = (5, 3001)
-    _check(op, grad, logits(*shape, dtype=torch.float64, device="cuda"),
-           logits(*shape, dtype=torch.float64, device="cuda"), backend, tol=1e-12)
+    _check(
+        op,
+        grad,
+        logits(*shape, dtype=torch.float64, device="cuda"),
+        logits(*shape, dtype=torch.float64, device="cuda"),
+        backend,
+        tol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -126,8 +147,9 @@ def test_neg_inf_in_both_and_non_finite(backend):
     a.requires_grad_()
     b.requires_grad_()
     rows = sk.sym_kl(a, b, reduction="none", backend=backend)
-    ref = reference.sym_kl(a.detach()[:, 1500:].double(), b.detach()[:, 1500:].double(),
-                           reduction="none")
+    ref = reference.sym_kl(
+        a.detach()[:, 1500:].double(), b.detach()[:, 1500:].double(), reduction="none"
+    )
     assert rel_err(rows[:3], ref[:3]) <= 1e-5
     assert torch.isnan(rows[3])
     rows[:3].sum().backward()  # row 3 (NaN input) gets grad 0 * NaN = NaN, as in eager PyTorch
@@ -152,10 +174,23 @@ def test_zero_rows(backend, V, reduction):
 def test_small_fused_path(backend, shape, reduction):
     """Problems small enough for the one-launch path, and just past it."""
     mask = torch.rand(shape[:-1], device="cuda") > 0.3
-    _check("sym_kl", "full", logits(*shape, device="cuda"), logits(*shape, device="cuda"),
-           backend, reduction=reduction, mask=mask)
-    _check("kl", None, logits(*shape, device="cuda"), logits(*shape, device="cuda"), backend,
-           reduction=reduction)
+    _check(
+        "sym_kl",
+        "full",
+        logits(*shape, device="cuda"),
+        logits(*shape, device="cuda"),
+        backend,
+        reduction=reduction,
+        mask=mask,
+    )
+    _check(
+        "kl",
+        None,
+        logits(*shape, device="cuda"),
+        logits(*shape, device="cuda"),
+        backend,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

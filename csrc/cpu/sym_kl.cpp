@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../checks.h"
 
@@ -39,10 +41,16 @@ SK_DECLARE_ROWS(avx2)
 
 namespace {
 
+// AVX2 + FMA kernels when the CPU has them, unless SMART_KERNELS_CPU_ISA=base (read once; lets
+// the tests cover the baseline kernels on an AVX2 machine).
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  static const bool use = [] {
+    const char* isa = std::getenv("SMART_KERNELS_CPU_ISA");
+    if (isa != nullptr && std::string(isa) == "base") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use;
 #else
   return false;
 #endif

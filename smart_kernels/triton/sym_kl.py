@@ -7,7 +7,8 @@ d = log P - log Q = (a - lse_a) - (b - lse_b).
 Forward: one program per row, ONE read of both rows in BLOCK_V chunks with online (rescaled)
 sums s = sum e^(x-m), t = sum e^(x-m) (a-b); a position where both logits are -inf weighs 0.
 Backward (second read; g = grad of the row value):
-  mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q),  dL/db = -g (Q (d + KL(Q||P)) + P - Q)
+  mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q)
+                           dL/db = -g (Q (d + KL(Q||P)) + P - Q)
   mode 1 (sym, stop_grad): dL/da = g (P - Q),                     dL/db = g (Q - P)
   mode 2 (kl):             dL/da = g (P - Q),                     dL/db = g Q (-d - KL(Q||P))
 Accumulation in fp32 (fp64 for fp64 inputs); values are cast right after tl.load.
@@ -163,7 +164,11 @@ def _launch_config(V: int) -> tuple[int, int]:
 
 
 def _reduction_scale(
-    n: int, v: int, mask: torch.Tensor | None, reduction: int, acc: torch.dtype,
+    n: int,
+    v: int,
+    mask: torch.Tensor | None,
+    reduction: int,
+    acc: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
     """0-d factor from the sum of rows to the reduced value (csrc/checks.h: reduction_scale)."""
