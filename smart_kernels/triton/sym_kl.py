@@ -6,6 +6,8 @@ d = log P - log Q = (a - lse_a) - (b - lse_b).
   kl      L = KL(Q||P) = E_Q[b-a] + lse_a - lse_b
 Forward: one program per row, ONE read of both rows in BLOCK_V chunks with online (rescaled)
 sums s = sum e^(x-m), t = sum e^(x-m) (a-b); a position where both logits are -inf weighs 0.
+Rows are walked as head (to a 16-byte boundary) + unmasked aligned blocks + masked tail, so that
+odd V (e.g. 50257) still gets vectorized loads and stores.
 Backward (second read; g = grad of the row value):
   mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q)
                            dL/db = -g (Q (d + KL(Q||P)) + P - Q)
@@ -26,6 +28,43 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
+def _online_update(x, y, m_a, s_a, t_a, m_b, s_b, t_b):
+    """Fold a block of logits x (input) and y (target), -inf where absent, into the online sums
+    m = max, s = sum e^(v-m), t = sum e^(v-m) (x-y), for both rows."""
+    neg_inf = float("-inf")
+    diff = x - y
+    new_a = tl.maximum(m_a, tl.max(x, axis=0))
+    new_b = tl.maximum(m_b, tl.max(y, axis=0))
+    # rescale the running sums; while everything so far is -inf, they are 0 (no inf - inf).
+    f_a = tl.where(m_a == neg_inf, 0.0, tl.exp(m_a - new_a))
+    f_b = tl.where(m_b == neg_inf, 0.0, tl.exp(m_b - new_b))
+    e_a = tl.exp(x - tl.where(new_a == neg_inf, 0.0, new_a))
+    e_b = tl.exp(y - tl.where(new_b == neg_inf, 0.0, new_b))
+    s_a = s_a * f_a + tl.sum(e_a, axis=0)
+    t_a = t_a * f_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * diff), axis=0)
+    s_b = s_b * f_b + tl.sum(e_b, axis=0)
+    t_b = t_b * f_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * diff), axis=0)
+    return new_a, s_a, t_a, new_b, s_b, t_b
+
+
+@triton.jit
+def _row_head(row, stride, n, ALIGN: tl.constexpr):
+    """Elements before the row's first ALIGN-element (16-byte) boundary (0 when ALIGN == 1)."""
+    if ALIGN > 1:
+        return tl.minimum((ALIGN - (row * stride) % ALIGN) % ALIGN, n)
+    else:
+        return 0
+
+
+@triton.jit
+def _aligned(offs, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Tell the compiler that offs (a contiguous block) starts on an ALIGN boundary."""
+    if ALIGN > 1:
+        offs = tl.max_contiguous(tl.multiple_of(offs, ALIGN), BLOCK)
+    return offs
+
+
+@triton.jit
 def sym_kl_fwd_kernel(
     a_ptr,
     b_ptr,
@@ -39,10 +78,11 @@ def sym_kl_fwd_kernel(
     HAS_MASK: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    # Each row: a head up to a 16-byte boundary (ALIGN > 1: rows of a and b are equally
+    # misaligned, checked by the launcher), unmasked aligned BLOCK_V blocks, a masked tail.
     row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * stride_a
-    b_row = b_ptr + row * stride_b
     n = V
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
@@ -54,25 +94,26 @@ def sym_kl_fwd_kernel(
     m_b = tl.full([], neg_inf, ACC)
     s_b = tl.zeros([], ACC)
     t_b = tl.zeros([], ACC)
-    for start in range(0, n, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        x = tl.load(a_row + offs, mask=valid, other=neg_inf).to(ACC)
-        y = tl.load(b_row + offs, mask=valid, other=neg_inf).to(ACC)
-        diff = x - y
-        new_a = tl.maximum(m_a, tl.max(x, axis=0))
-        new_b = tl.maximum(m_b, tl.max(y, axis=0))
-        # rescale the running sums; while everything so far is -inf, they are 0 (no inf - inf).
-        f_a = tl.where(m_a == neg_inf, 0.0, tl.exp(m_a - new_a))
-        f_b = tl.where(m_b == neg_inf, 0.0, tl.exp(m_b - new_b))
-        e_a = tl.exp(x - tl.where(new_a == neg_inf, 0.0, new_a))
-        e_b = tl.exp(y - tl.where(new_b == neg_inf, 0.0, new_b))
-        s_a = s_a * f_a + tl.sum(e_a, axis=0)
-        t_a = t_a * f_a + tl.sum(tl.where(e_a == 0.0, 0.0, e_a * diff), axis=0)
-        s_b = s_b * f_b + tl.sum(e_b, axis=0)
-        t_b = t_b * f_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * diff), axis=0)
-        m_a = new_a
-        m_b = new_b
+    head = _row_head(row, stride_a, n, ALIGN)
+    if ALIGN > 1:
+        offs = tl.arange(0, ALIGN)
+        valid = offs < head
+        x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=neg_inf).to(ACC)
+        y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=neg_inf).to(ACC)
+        m_a, s_a, t_a, m_b, s_b, t_b = _online_update(x, y, m_a, s_a, t_a, m_b, s_b, t_b)
+    n_full = (n - head) // BLOCK_V
+    for i in range(0, n_full):
+        j = head + i * BLOCK_V
+        offs_a = _aligned(row * stride_a + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
+        offs_b = _aligned(row * stride_b + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
+        x = tl.load(a_ptr + offs_a).to(ACC)
+        y = tl.load(b_ptr + offs_b).to(ACC)
+        m_a, s_a, t_a, m_b, s_b, t_b = _online_update(x, y, m_a, s_a, t_a, m_b, s_b, t_b)
+    offs = head + n_full * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid = offs < n
+    x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=neg_inf).to(ACC)
+    y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=neg_inf).to(ACC)
+    m_a, s_a, t_a, m_b, s_b, t_b = _online_update(x, y, m_a, s_a, t_a, m_b, s_b, t_b)
     lse_a = m_a + tl.log(s_a)
     lse_b = m_b + tl.log(s_b)
     e_p = t_a / s_a  # E_P[a-b]
@@ -97,6 +138,24 @@ def sym_kl_fwd_kernel(
 
 
 @triton.jit
+def _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE: tl.constexpr):
+    """Gradients (w.r.t. input, target) of g * row value at logits x, y (DESIGN §3)."""
+    lp = x - lse_a
+    lq = y - lse_b
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    va = p - q
+    if MODE == 0:
+        va += tl.where(p == 0.0, 0.0, p * (lp - lq - kl_pq))
+        vb = (q - p) - tl.where(q == 0.0, 0.0, q * (lp - lq + kl_qp))
+    elif MODE == 1:
+        vb = q - p
+    else:
+        vb = tl.where(q == 0.0, 0.0, q * (lq - lp - kl_qp))
+    return g * va, g * vb
+
+
+@triton.jit
 def sym_kl_bwd_kernel(
     g_ptr,
     stride_g,
@@ -116,45 +175,73 @@ def sym_kl_bwd_kernel(
     NEED_B: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    # Same row walk as the forward; with ALIGN > 1 the gradient rows (contiguous, length V) are
+    # misaligned like the inputs' (checked by the launcher), so the stores vectorize too.
     row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * stride_a
-    b_row = b_ptr + row * stride_b
     g = tl.load(g_ptr + row * stride_g).to(ACC) * tl.load(scale_ptr)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0  # a masked row gets exact zeros, even from inf
     lse_a = tl.load(stats_ptr + row * 4)
     lse_b = tl.load(stats_ptr + row * 4 + 1)
     kl_pq = tl.load(stats_ptr + row * 4 + 2)
     kl_qp = tl.load(stats_ptr + row * 4 + 3)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        x = tl.load(a_row + offs, mask=valid, other=0.0).to(ACC)
-        y = tl.load(b_row + offs, mask=valid, other=0.0).to(ACC)
-        lp = x - lse_a
-        lq = y - lse_b
-        p = tl.exp(lp)
-        q = tl.exp(lq)
+    ga_row = ga_ptr + row * V
+    gb_row = gb_ptr + row * V
+    head = _row_head(row, stride_a, V, ALIGN)
+    if ALIGN > 1:
+        offs = tl.arange(0, ALIGN)
+        valid = offs < head
+        x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=0.0).to(ACC)
+        y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=0.0).to(ACC)
+        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
+        if HAS_MASK:
+            va = tl.where(keep, va, 0.0)
+            vb = tl.where(keep, vb, 0.0)
         if NEED_A:
-            va = p - q
-            if MODE == 0:
-                va += tl.where(p == 0.0, 0.0, p * (lp - lq - kl_pq))
-            va = g * va
-            if HAS_MASK:
-                va = tl.where(keep, va, 0.0)
-            tl.store(ga_ptr + row * V + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
+            tl.store(ga_row + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
         if NEED_B:
-            if MODE == 0:
-                vb = (q - p) - tl.where(q == 0.0, 0.0, q * (lp - lq + kl_qp))
-            elif MODE == 1:
-                vb = q - p
-            else:
-                vb = tl.where(q == 0.0, 0.0, q * (lq - lp - kl_qp))
-            vb = g * vb
-            if HAS_MASK:
-                vb = tl.where(keep, vb, 0.0)
-            tl.store(gb_ptr + row * V + offs, vb.to(gb_ptr.dtype.element_ty), mask=valid)
+            tl.store(gb_row + offs, vb.to(gb_ptr.dtype.element_ty), mask=valid)
+    n_full = (V - head) // BLOCK_V
+    for i in range(0, n_full):
+        j = head + i * BLOCK_V
+        offs_a = _aligned(row * stride_a + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
+        offs_b = _aligned(row * stride_b + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
+        offs_g = _aligned(row * V + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
+        x = tl.load(a_ptr + offs_a).to(ACC)
+        y = tl.load(b_ptr + offs_b).to(ACC)
+        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
+        if HAS_MASK:
+            va = tl.where(keep, va, 0.0)
+            vb = tl.where(keep, vb, 0.0)
+        if NEED_A:
+            tl.store(ga_ptr + offs_g, va.to(ga_ptr.dtype.element_ty))
+        if NEED_B:
+            tl.store(gb_ptr + offs_g, vb.to(gb_ptr.dtype.element_ty))
+    offs = head + n_full * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid = offs < V
+    x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=0.0).to(ACC)
+    y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=0.0).to(ACC)
+    va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
+    if HAS_MASK:
+        va = tl.where(keep, va, 0.0)
+        vb = tl.where(keep, vb, 0.0)
+    if NEED_A:
+        tl.store(ga_row + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
+    if NEED_B:
+        tl.store(gb_row + offs, vb.to(gb_ptr.dtype.element_ty), mask=valid)
+
+
+def _align(*tensors: torch.Tensor, strides: tuple[int, ...]) -> int:
+    """ALIGN for the kernels: elements per 16 bytes if every tensor starts 16-byte aligned and all
+    the row strides agree modulo it (rows then share one misalignment), else 1."""
+    per16 = 16 // tensors[0].element_size()
+    if any(t.data_ptr() % 16 for t in tensors if t.numel()):
+        return 1
+    if any((s - strides[0]) % per16 for s in strides):
+        return 1
+    return per16
 
 
 def _launch_config(V: int) -> tuple[int, int]:
@@ -198,11 +285,12 @@ def sym_kl_fwd(
     stats = input.new_empty((N, 4), dtype=acc)
     if N > 0:
         block, num_warps = _launch_config(V)
+        align = _align(input, target, strides=(input.stride(0), target.stride(0)))
         sym_kl_fwd_kernel[(N,)](
             input, target, input.stride(0), target.stride(0),
             mask if mask is not None else rows,  # dummy pointer when HAS_MASK is False
             rows, stats, V,
-            MODE=mode, HAS_MASK=mask is not None, ACC=_TL_ACC[acc], BLOCK_V=block,
+            MODE=mode, HAS_MASK=mask is not None, ACC=_TL_ACC[acc], BLOCK_V=block, ALIGN=align,
             num_warps=num_warps,
         )  # fmt: skip
     scale = _reduction_scale(N, V, mask, reduction, acc, input.device)
@@ -236,11 +324,13 @@ def sym_kl_bwd(
     grad_out = grad_out.to(acc)
     stride_g = grad_out.stride(0) if grad_out.dim() == 1 else 0
     block, num_warps = _launch_config(V)
+    # the gradient rows (contiguous, stride V) must share the inputs' misalignment
+    align = _align(input, target, ga, gb, strides=(input.stride(0), target.stride(0), V))
     sym_kl_bwd_kernel[(N,)](
         grad_out, stride_g, scale, input, target, input.stride(0), target.stride(0),
         mask if mask is not None else stats, stats,
         ga if need_input else input, gb if need_target else target, V,
         MODE=mode, HAS_MASK=mask is not None, NEED_A=need_input, NEED_B=need_target,
-        ACC=_TL_ACC[acc], BLOCK_V=block, num_warps=num_warps,
+        ACC=_TL_ACC[acc], BLOCK_V=block, ALIGN=align, num_warps=num_warps,
     )  # fmt: skip
     return ga, gb
