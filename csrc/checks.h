@@ -4,17 +4,9 @@
 
 #include <ATen/ATen.h>
 
-namespace smart_kernels {
+#include "acc_type.h"
 
-// Accumulation type: fp64 for fp64 inputs, fp32 otherwise.
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
+namespace smart_kernels {
 
 inline void check_rows_pair(const at::Tensor& input, const at::Tensor& target,
                             const c10::optional<at::Tensor>& mask, int64_t mode) {

@@ -50,29 +50,26 @@ print("ok")
     assert proc.stdout.strip().endswith("ok")
 
 
-def test_setup_rejects_bad_cuda_flag():
-    proc = subprocess.run(
+def run_setup(cuda_flag: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "setup.py", "--name"],
         cwd=ROOT,
-        env={**os.environ, "SMART_KERNELS_CUDA": "maybe"},
+        env={**os.environ, "SMART_KERNELS_CUDA": cuda_flag},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_setup_rejects_bad_cuda_flag():
+    proc = run_setup("maybe")
     assert proc.returncode != 0
     assert "SMART_KERNELS_CUDA must be auto, 0 or 1" in proc.stderr + proc.stdout
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch can build CUDA kernels")
 def test_setup_cuda_1_fails_loudly_without_cuda():
-    proc = subprocess.run(
-        [sys.executable, "setup.py", "--name"],
-        cwd=ROOT,
-        env={**os.environ, "SMART_KERNELS_CUDA": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_setup("1")
     assert proc.returncode != 0
     assert "CUDA kernels cannot be built" in proc.stderr + proc.stdout
 

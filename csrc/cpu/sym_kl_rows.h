@@ -27,6 +27,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "../acc_type.h"
+
 // Everything below (and nothing above: headers shared with other files) gets the target ISA.
 #ifdef SK_CPU_ISA_AVX2
 #pragma GCC target("avx2,fma")
@@ -37,15 +39,6 @@ namespace SK_CPU_ISA {
 namespace {
 
 #include "vexp.h"
-
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 constexpr int64_t kChunk = 2048;
 

@@ -138,8 +138,11 @@ def sym_kl_fwd_kernel(
 
 
 @triton.jit
-def _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE: tl.constexpr):
-    """Gradients (w.r.t. input, target) of g * row value at logits x, y (DESIGN §3)."""
+def _grad_block(
+    x, y, g, lse_a, lse_b, kl_pq, kl_qp, keep, MODE: tl.constexpr, HAS_MASK: tl.constexpr
+):
+    """Gradients (w.r.t. input, target) of g * row value at logits x, y (DESIGN §3); exact
+    zeros for a masked row (keep False), even from inf inputs."""
     lp = x - lse_a
     lq = y - lse_b
     p = tl.exp(lp)
@@ -152,7 +155,12 @@ def _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE: tl.constexpr):
         vb = q - p
     else:
         vb = tl.where(q == 0.0, 0.0, q * (lq - lp - kl_qp))
-    return g * va, g * vb
+    va = g * va
+    vb = g * vb
+    if HAS_MASK:
+        va = tl.where(keep, va, 0.0)
+        vb = tl.where(keep, vb, 0.0)
+    return va, vb
 
 
 @triton.jit
@@ -181,8 +189,9 @@ def sym_kl_bwd_kernel(
     # misaligned like the inputs' (checked by the launcher), so the stores vectorize too.
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(g_ptr + row * stride_g).to(ACC) * tl.load(scale_ptr)
+    keep = True
     if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0  # a masked row gets exact zeros, even from inf
+        keep = tl.load(mask_ptr + row) != 0
     lse_a = tl.load(stats_ptr + row * 4)
     lse_b = tl.load(stats_ptr + row * 4 + 1)
     kl_pq = tl.load(stats_ptr + row * 4 + 2)
@@ -195,10 +204,7 @@ def sym_kl_bwd_kernel(
         valid = offs < head
         x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=0.0).to(ACC)
         y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=0.0).to(ACC)
-        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
-        if HAS_MASK:
-            va = tl.where(keep, va, 0.0)
-            vb = tl.where(keep, vb, 0.0)
+        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, keep, MODE, HAS_MASK)
         if NEED_A:
             tl.store(ga_row + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
         if NEED_B:
@@ -211,10 +217,7 @@ def sym_kl_bwd_kernel(
         offs_g = _aligned(row * V + j + tl.arange(0, BLOCK_V), ALIGN, BLOCK_V)
         x = tl.load(a_ptr + offs_a).to(ACC)
         y = tl.load(b_ptr + offs_b).to(ACC)
-        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
-        if HAS_MASK:
-            va = tl.where(keep, va, 0.0)
-            vb = tl.where(keep, vb, 0.0)
+        va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, keep, MODE, HAS_MASK)
         if NEED_A:
             tl.store(ga_ptr + offs_g, va.to(ga_ptr.dtype.element_ty))
         if NEED_B:
@@ -223,10 +226,7 @@ def sym_kl_bwd_kernel(
     valid = offs < V
     x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=0.0).to(ACC)
     y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=0.0).to(ACC)
-    va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, MODE)
-    if HAS_MASK:
-        va = tl.where(keep, va, 0.0)
-        vb = tl.where(keep, vb, 0.0)
+    va, vb = _grad_block(x, y, g, lse_a, lse_b, kl_pq, kl_qp, keep, MODE, HAS_MASK)
     if NEED_A:
         tl.store(ga_row + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
     if NEED_B:
