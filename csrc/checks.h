@@ -16,8 +16,9 @@ inline void check_rows_pair(const at::Tensor& input, const at::Tensor& target,
   TORCH_CHECK(input.scalar_type() == target.scalar_type(),
               "smart_kernels: input and target dtypes differ");
   TORCH_CHECK(input.device() == target.device(), "smart_kernels: input and target devices differ");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "smart_kernels: input must be floating point");
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "smart_kernels: input must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK(input.size(1) > 0, "smart_kernels: the last dimension (V) must be > 0");
   TORCH_CHECK(input.size(0) == 0 || input.size(1) == 1 ||
                   (input.stride(1) == 1 && target.stride(1) == 1),
@@ -52,13 +53,13 @@ inline at::ScalarType acc_type_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Outputs of a forward: out ([N] for none, else 0-d), stats [N, 4], scale (0-d).
+// Outputs of a forward: out ([N] for none, else 0-d), stats [N, kStatsPerRow], scale (0-d).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_fwd_outputs(const at::Tensor& input,
                                                                         int64_t reduction) {
   const auto opts = input.options().dtype(acc_type_of(input));
   const int64_t N = input.size(0);
   at::Tensor out = reduction == kNone ? at::empty({N}, opts) : at::empty({}, opts);
-  return {out, at::empty({N, 4}, opts), at::empty({}, opts)};
+  return {out, at::empty({N, kStatsPerRow}, opts), at::empty({}, opts)};
 }
 
 inline void check_bwd_extra(const at::Tensor& grad_out, const at::Tensor& scale,
@@ -66,9 +67,9 @@ inline void check_bwd_extra(const at::Tensor& grad_out, const at::Tensor& scale,
   TORCH_CHECK(grad_out.dim() == 0 || (grad_out.dim() == 1 && grad_out.size(0) == input.size(0)),
               "smart_kernels: grad_out must be 0-d or have shape [N]");
   TORCH_CHECK(scale.dim() == 0, "smart_kernels: scale must be 0-d");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == input.size(0) && stats.size(1) == 4 &&
-                  stats.is_contiguous(),
-              "smart_kernels: stats must be a contiguous [N, 4] tensor");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == input.size(0) &&
+                  stats.size(1) == kStatsPerRow && stats.is_contiguous(),
+              "smart_kernels: stats must be a contiguous [N, ", kStatsPerRow, "] tensor");
   TORCH_CHECK(grad_out.device() == input.device() && stats.device() == input.device() &&
                   scale.device() == input.device(),
               "smart_kernels: grad_out/scale/stats are on another device");

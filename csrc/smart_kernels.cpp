@@ -29,9 +29,9 @@ TORCH_LIBRARY(smart_kernels, m) {
   // Symmetric KL / KL family on rows of logits. input, target: [N, V] (last dim contiguous),
   // mask: [N] bool. mode: 0 = sym_kl grad="full", 1 = sym_kl grad="stop_grad", 2 = kl
   // (KL(softmax(target) || softmax(input))). reduction: 0 = none, 1 = sum, 2 = batchmean,
-  // 3 = mean (checks.h). Returns (out: [N] for none else 0-d, stats: [N, 4] = (lse_input,
-  // lse_target, KL(P||Q), KL(Q||P)), scale: 0-d, the factor d out / d row), all in the
-  // accumulation dtype (fp64 for fp64 inputs, else fp32). Masked rows contribute 0.
+  // 3 = mean (checks.h). Returns (out: [N] for none else 0-d, stats: [N, 6] (acc_type.h),
+  // scale: 0-d, the factor d out / d row), all in the accumulation dtype (fp64 for fp64
+  // inputs, else fp32). Masked rows contribute 0.
   m.def(
       "sym_kl_fwd(Tensor input, Tensor target, Tensor? mask, int mode, int reduction) -> "
       "(Tensor, Tensor, Tensor)");

@@ -49,7 +49,13 @@ class BackendInfo:
         return self.cpu is None or self.cuda is None
 
     def reason(self, device: torch.device) -> str | None:
-        return self.cuda if device.type == "cuda" else self.cpu
+        if device.type == "cuda":
+            return self.cuda
+        if device.type == "cpu":
+            return self.cpu
+        if self.name == "reference":
+            return None  # plain PyTorch runs wherever PyTorch does
+        return f"no {self.name} kernels for {device.type} tensors"
 
 
 def _info(name: str) -> BackendInfo:
@@ -88,7 +94,9 @@ def choose(op: str, backend: str | None, device: torch.device) -> str:
                 if _info(name).reason(device) is None:
                     return name
             return "reference"
-        return "native" if _NATIVE_ERROR is None else "reference"
+        if device.type == "cpu" and _NATIVE_ERROR is None:
+            return "native"
+        return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{source}: expected one of {BACKENDS} or None")
     reason = _info(backend).reason(device)

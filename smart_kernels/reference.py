@@ -21,6 +21,11 @@ def _log_probs(input: torch.Tensor, target: torch.Tensor, compute_dtype: torch.d
     a, b = input.to(dt), target.to(dt)
     # A vocabulary entry that is -inf in both rows is masked out: it contributes 0.
     both_masked = (a == float("-inf")) & (b == float("-inf"))
+    # A row pair masked out entirely contributes 0 with zero gradient (not softmax's NaN).
+    dead_row = both_masked.all(dim=-1, keepdim=True)
+    a = torch.where(dead_row, 0.0, a)
+    b = torch.where(dead_row, 0.0, b)
+    both_masked = both_masked & ~dead_row
     return F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1), both_masked
 
 

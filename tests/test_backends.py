@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import smart_kernels as sk
@@ -17,9 +18,13 @@ def test_backends_lists_all_with_reasons():
             assert reason is None or (isinstance(reason, str) and reason)
 
 
-def test_auto_on_cpu_prefers_native():
-    expected = "native" if sk.backends()["native"].cpu is None else "reference"
-    assert _backends.choose("sym_kl", None, torch.device("cpu")) == expected
+def test_other_device_types():
+    """Tensors on a device without kernels: auto gives the reference, explicit kernels refuse."""
+    meta = torch.device("meta")
+    assert _backends.choose("sym_kl", None, meta) == "reference"
+    for name in ("native", "triton"):
+        with pytest.raises(RuntimeError, match="meta"):
+            _backends.choose("sym_kl", name, meta)
 
 
 def test_native_cpu_is_built_in_ci():

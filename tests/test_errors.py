@@ -146,3 +146,6 @@ def test_raw_op_rejects_bad_layout():
         torch.ops.smart_kernels.sym_kl_fwd(logits(3, 5), logits(3, 5), None, 7, 2)
     with pytest.raises(RuntimeError, match="reduction"):
         torch.ops.smart_kernels.sym_kl(logits(3, 5), logits(3, 5), None, 0, 9)
+    f8 = logits(3, 5).to(torch.float8_e5m2)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        torch.ops.smart_kernels.sym_kl_fwd(f8, f8, None, 0, 2)

@@ -123,8 +123,98 @@ def test_low_precision_within_2x_eager(backend, dtype, op, grad):
     eager = grads(eager_fn, dtype)
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
-    for mine, theirs, exact in zip(ours, eager, oracle64, strict=True):
-        assert max_err(mine, exact) <= 2 * max_err(theirs, exact) + 1e-6
+    for i, (mine, theirs, exact) in enumerate(zip(ours, eager, oracle64, strict=True)):
+        slack = 1e-6
+        if i > 0 and backend == "triton" and dtype == torch.bfloat16:
+            # The Triton interpreter truncates fp32 -> bf16 stores instead of rounding to
+            # nearest (compiled Triton rounds; tests/test_sym_kl_gpu.py checks that path with
+            # no slack): allow the one extra bf16 ulp that truncation costs.
+            slack += 2.0**-7 * exact.abs().max().item()
+        assert max_err(mine, exact) <= 2 * max_err(theirs, exact) + slack
+
+
+def _ill_conditioned(case: str, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    a = logits(64, 1000, device=device)
+    noise = torch.randn(64, 1000, dtype=torch.float64, device=device).float()
+    if case == "offset":  # softmax ignores a per-row offset; the kernels must too
+        b = a + 20 + 0.1 * noise
+    elif case == "row_offsets":
+        b = a + 50 * torch.randn(64, 1, device=device) + 0.01 * noise
+    else:  # SMART's case: f(x + delta) vs f(x)
+        b = a + 1e-2 * noise
+    return a, b
+
+
+def error_ratios(op, grad, a0, b0, backend):
+    """(value, grad input, grad target) errors vs the fp64 oracle, each divided by the error of
+    PyTorch eager in a0's dtype (the reference evaluated in that dtype); per-row relative errors
+    for the value (reduction "none"), max abs errors for the gradients; grad_output != 1."""
+
+    def run(fn, dt):
+        a = a0.detach().to(dt).clone().requires_grad_()
+        b = b0.detach().to(dt).clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(torch.linspace(0.5, 1.5, out.numel(), device=out.device).view(out.shape))
+        return out.detach(), a.grad, b.grad
+
+    kw = {} if op == "kl" else {"grad": grad}
+    ref = reference.kl if op == "kl" else reference.sym_kl
+    rows = reference.kl_rows if op == "kl" else reference.sym_kl_rows
+    ours = run(lambda a, b: call(op, a, b, reduction="none", grad=grad, backend=backend), a0.dtype)
+    exact = run(lambda a, b: ref(a, b, reduction="none", **kw), torch.float64)
+    eager = run(lambda a, b: rows(a, b, compute_dtype=a0.dtype, **kw), a0.dtype)
+    value_err = lambda v: ((v.double() - exact[0]).abs() / exact[0].abs()).max().item()
+    ratios = [value_err(ours[0]) / value_err(eager[0])]
+    for mine, theirs, ex in zip(ours[1:], eager[1:], exact[1:], strict=True):
+        ratios.append(max_err(mine, ex) / max(max_err(theirs, ex), 1e-7 * ex.abs().max().item()))
+    return ratios
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["offset", "row_offsets", "near_identical"])
+@pytest.mark.parametrize("op,grad", [("sym_kl", "full"), ("sym_kl", "stop_grad"), ("kl", None)])
+def test_ill_conditioned_fp32(backend, case, op, grad):
+    """Logits that differ by a per-row offset, or barely at all (SMART's perturbed vs clean
+    logits): small, cancellation-prone losses. The one-pass online form in fp32 stays within a
+    small factor of eager fp32 (it was 1e2-1e6x worse before the row offset was taken out of
+    the sums). Bounds: value <= 16x, gradients <= 8x; measured over 12 seeds on CPU: native up
+    to 12.5x / 5.3x, triton (interpreter) up to 5.2x / 3.4x. The value's gap is structural:
+    the one-pass form sums O(noise) terms in fp32 for an O(noise^2) result, eager sums
+    O(noise^2) terms (a difference-form or fp64 row sum would close it)."""
+    a, b = _ill_conditioned(case)
+    value, grad_a, grad_b = error_ratios(op, grad, a, b, backend)
+    assert value <= 16
+    assert grad_a <= 8 and grad_b <= 8
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op,grad", [("sym_kl", "full"), ("sym_kl", "stop_grad"), ("kl", None)])
+def test_row_entirely_neg_inf_in_both(backend, op, grad):
+    """A row pair masked out entirely (every position -inf in both) contributes 0, gradient 0."""
+    a, b = logits(3, 17), logits(3, 17)
+    a[1] = NEG_INF
+    b[1] = NEG_INF
+    a.requires_grad_()
+    b.requires_grad_()
+    rows = call(op, a, b, reduction="none", grad=grad, backend=backend)
+    assert rows[1] == 0
+    ref = oracle(op, a.detach()[[0, 2]], b.detach()[[0, 2]], reduction="none", grad=grad)[0]
+    assert rel_err(rows[[0, 2]], ref) <= 1e-5
+    rows.sum().backward()
+    assert (a.grad[1] == 0).all() and (b.grad[1] == 0).all()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS_CPU)
+def test_double_backward_refused(backend):
+    """The kernels' gradients are not differentiable: create_graph=True must raise, not drop
+    the second-order term silently. The reference backend supports it."""
+    a = logits(3, 7).requires_grad_()
+    b = logits(3, 7).requires_grad_()
+    (g,) = torch.autograd.grad(sk.sym_kl(a, b, backend="reference"), a, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(sk.sym_kl(a, b, backend=backend), a, create_graph=True)
 
 
 # ----------------------------------------------------------------------------------------------

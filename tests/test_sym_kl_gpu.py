@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import backends_for, logits, max_err, rel_err
+from test_sym_kl import _ill_conditioned, error_ratios
 
 import smart_kernels as sk
 from smart_kernels import _backends, reference
@@ -191,6 +192,61 @@ def test_small_fused_path(backend, shape, reduction):
         backend,
         reduction=reduction,
     )
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", ["offset", "row_offsets", "near_identical"])
+@pytest.mark.parametrize("op,grad", MODES)
+def test_ill_conditioned_fp32(backend, case, op, grad):
+    """As tests/test_sym_kl.py::test_ill_conditioned_fp32, on the GPU kernels."""
+    a, b = _ill_conditioned(case, device="cuda")
+    value, grad_a, grad_b = error_ratios(op, grad, a, b, backend)
+    assert value <= 16
+    assert grad_a <= 8 and grad_b <= 8
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_warp_per_row_path_with_head_and_tail(backend, dtype):
+    """V <= 2048 rows past the one-launch size: warp per row, misaligned row starts (odd V)."""
+    tol = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    for op, grad in MODES:
+        _check(
+            op,
+            grad,
+            logits(37, 1999, dtype=dtype, device="cuda"),
+            logits(37, 1999, dtype=dtype, device="cuda"),
+            backend,
+            tol=tol,
+        )
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fp64_long_rows(backend):
+    """fp64 with 1024-thread blocks (V > 65536): must launch (register budget) and be exact."""
+    _check(
+        "sym_kl",
+        "full",
+        logits(3, 70001, dtype=torch.float64, device="cuda"),
+        logits(3, 70001, dtype=torch.float64, device="cuda"),
+        backend,
+        tol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_row_entirely_neg_inf_and_double_backward(backend):
+    a, b = logits(3, 3000, device="cuda"), logits(3, 3000, device="cuda")
+    a[1] = float("-inf")
+    b[1] = float("-inf")
+    a.requires_grad_()
+    b.requires_grad_()
+    rows = sk.sym_kl(a, b, reduction="none", backend=backend)
+    assert rows[1] == 0 and torch.isfinite(rows).all()
+    rows.sum().backward()
+    assert (a.grad[1] == 0).all() and torch.isfinite(a.grad).all()
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(sk.sym_kl(a, b, backend=backend), a, create_graph=True)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -82,6 +82,11 @@ class SymKLFunction : public torch::autograd::Function<SymKLFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The kernels' gradient is not itself differentiable: refuse rather than return a gradient
+    // that silently drops the second-order term.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "smart_kernels sym_kl/kl (native backend): double backward (create_graph=True) "
+                "is not supported; use backend=\"reference\" for higher-order gradients");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &a = saved[0], &b = saved[1], &stats = saved[2], &scale = saved[3];
     const Opt mask = saved.size() > 4 ? Opt(saved[4]) : c10::nullopt;

@@ -4,9 +4,15 @@
 // d = log P - log Q = (a - lse_a) - (b - lse_b).
 //   sym_kl  L = sum_j (P_j - Q_j) d_j = KL(P||Q) + KL(Q||P) = E_P[a-b] - E_Q[a-b]
 //   kl      L = KL(Q||P) = E_Q[b-a] + lse_a - lse_b
-// Forward: ONE read of both rows, in chunks that stay in L1, with online (rescaled) sums
-//   s_a = sum e^(a-m_a), t_a = sum e^(a-m_a) (a-b) (likewise for b), so E_P[a-b] = t_a / s_a.
-//   A position where both logits are -inf has weight 0 in both and contributes 0.
+// Forward: ONE read of both rows, in chunks that stay in L1, with online (rescaled) sums over
+// the shifted logits x = a - m_a, y = b - m_b (m = running max):
+//   s_a = sum e^x,  t_a = sum e^x (x - y),  s_b = sum e^y,  t_b = sum e^y (x - y).
+// Then with r = log s_a - log s_b:  KL(P||Q) = t_a/s_a - r,  KL(Q||P) = r - t_b/s_b,
+// L = t_a/s_a - t_b/s_b. Using x - y = (a - b) - (m_a - m_b) instead of a - b keeps a per-row
+// offset between the logits (softmax ignores it) out of the sums: no cancellation of large terms.
+// When a max grows, the sums are rescaled by e^(m_old - m_new) and t is shifted by
+// (c_old - c_new) s, c = m_a - m_b. A position where both logits are -inf weighs 0 and
+// contributes 0; a row that is all -inf in both inputs has value 0 and gradient 0.
 // Backward (second read, grad g of the row value):
 //   mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q),  dL/db = -g (Q (d + KL(Q||P)) + P - Q)
 //   mode 1 (sym, stop_grad): dL/da = g (P - Q),                     dL/db = g (Q - P)
@@ -42,22 +48,47 @@ namespace {
 
 constexpr int64_t kChunk = 2048;
 
-// Online state of one softmax: running max m, s = sum e^(x-m), t = sum e^(x-m) (a-b).
+// Online state of a pair of rows (module comment): running maxima, offsets actually subtracted
+// (the max, or 0 while everything so far is -inf: e^(-inf - 0) = 0, not NaN), and the sums.
 template <typename acc_t>
-struct Online {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  acc_t s = 0;
-  acc_t t = 0;
-  // Raise the running max to cover a chunk whose max is cm; returns the offset to subtract.
-  acc_t raise(acc_t cm) {
-    if (cm > m) {
-      const acc_t f = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : vexp(m - cm);
-      s *= f;
-      t *= f;
-      m = cm;
+struct PairOnline {
+  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t ma = kNegInf, mb = kNegInf, oa = 0, ob = 0;
+  acc_t sa = 0, ta = 0, sb = 0, tb = 0;
+
+  // Raise the maxima to cover a chunk whose maxima are cma, cmb.
+  void raise(acc_t cma, acc_t cmb) {
+    const acc_t na = std::max(ma, cma), nb = std::max(mb, cmb);
+    if (na == ma && nb == mb) return;
+    const acc_t noa = na == kNegInf ? acc_t(0) : na, nob = nb == kNegInf ? acc_t(0) : nb;
+    const acc_t fa = ma == kNegInf ? acc_t(0) : vexp(ma - na);
+    const acc_t fb = mb == kNegInf ? acc_t(0) : vexp(mb - nb);
+    const acc_t shift = (oa - ob) - (noa - nob);
+    ta = fa * (ta + shift * sa);
+    sa *= fa;
+    tb = fb * (tb + shift * sb);
+    sb *= fb;
+    ma = na;
+    mb = nb;
+    oa = noa;
+    ob = nob;
+  }
+
+  // Row value and the row's stats (acc_type.h).
+  acc_t finish(int64_t mode, acc_t* st) const {
+    if (sa == acc_t(0) && sb == acc_t(0)) {  // both rows entirely -inf: nothing contributes
+      std::fill(st, st + kStatsPerRow, acc_t(0));
+      return 0;
     }
-    // While every value so far is -inf, offset 0 makes e^(-inf - 0) = 0 instead of NaN.
-    return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
+    const acc_t log_sa = std::log(sa), log_sb = std::log(sb);
+    const acc_t ep = ta / sa, eq = tb / sb, r = log_sa - log_sb;
+    st[0] = oa;
+    st[1] = ob;
+    st[2] = log_sa;
+    st[3] = log_sb;
+    st[4] = ep - r;  // KL(P||Q)
+    st[5] = r - eq;  // KL(Q||P)
+    return mode == 2 ? st[5] : ep - eq;
   }
 };
 
@@ -70,15 +101,15 @@ void fwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
   acc_t fa[kChunk];
   acc_t fb[kChunk];
   for (int64_t r = begin; r < end; ++r) {
-    acc_t* st = stats + 4 * r;
+    acc_t* st = stats + kStatsPerRow * r;
     if (mask != nullptr && !mask[r]) {
       rows[r] = 0;
-      st[0] = st[1] = st[2] = st[3] = 0;
+      std::fill(st, st + kStatsPerRow, acc_t(0));
       continue;
     }
     const scalar_t* a = a_base + r * sa;
     const scalar_t* b = b_base + r * sb;
-    Online<acc_t> pa, pb;
+    PairOnline<acc_t> p;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = std::min(kChunk, V - c0);
       acc_t cma = kNegInf, cmb = kNegInf;
@@ -91,33 +122,26 @@ void fwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
         cma = x > cma ? x : cma;
         cmb = y > cmb ? y : cmb;
       }
-      const acc_t oa = pa.raise(cma);
-      const acc_t ob = pb.raise(cmb);
+      p.raise(cma, cmb);
+      const acc_t oa = p.oa, ob = p.ob;
       acc_t s_a = 0, t_a = 0, s_b = 0, t_b = 0;
 #pragma omp simd reduction(+ : s_a, t_a, s_b, t_b)
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t diff = fa[j] - fb[j];
-        const acc_t ea = vexp(fa[j] - oa);
-        const acc_t eb = vexp(fb[j] - ob);
+        const acc_t x = fa[j] - oa;
+        const acc_t y = fb[j] - ob;
+        const acc_t ea = vexp(x);
+        const acc_t eb = vexp(y);
         s_a += ea;
-        t_a += ea == acc_t(0) ? acc_t(0) : ea * diff;
+        t_a += ea == acc_t(0) ? acc_t(0) : ea * (x - y);
         s_b += eb;
-        t_b += eb == acc_t(0) ? acc_t(0) : eb * diff;
+        t_b += eb == acc_t(0) ? acc_t(0) : eb * (x - y);
       }
-      pa.s += s_a;
-      pa.t += t_a;
-      pb.s += s_b;
-      pb.t += t_b;
+      p.sa += s_a;
+      p.ta += t_a;
+      p.sb += s_b;
+      p.tb += t_b;
     }
-    const acc_t lse_a = pa.m + std::log(pa.s);
-    const acc_t lse_b = pb.m + std::log(pb.s);
-    const acc_t ep = pa.t / pa.s;  // E_P[a-b]
-    const acc_t eq = pb.t / pb.s;  // E_Q[a-b]
-    st[0] = lse_a;
-    st[1] = lse_b;
-    st[2] = ep - (lse_a - lse_b);  // KL(P||Q)
-    st[3] = (lse_a - lse_b) - eq;  // KL(Q||P)
-    rows[r] = mode == 2 ? st[3] : ep - eq;
+    rows[r] = p.finish(mode, st);
   }
 }
 
@@ -141,8 +165,9 @@ void bwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
     const scalar_t* a = a_base + r * sa;
     const scalar_t* b = b_base + r * sb;
     const acc_t g = grad_out[r * sg] * static_cast<acc_t>(scale);
-    const acc_t* st = stats + 4 * r;
-    const acc_t lse_a = st[0], lse_b = st[1], kl_pq = st[2], kl_qp = st[3];
+    const acc_t* st = stats + kStatsPerRow * r;
+    const acc_t ma = st[0], mb = st[1], log_sa = st[2], log_sb = st[3];
+    const acc_t kl_pq = st[4], kl_qp = st[5];
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = std::min(kChunk, V - c0);
 #pragma omp simd
@@ -152,8 +177,8 @@ void bwd_rows(const scalar_t* a_base, const scalar_t* b_base, int64_t sa, int64_
       }
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t lp = fa[j] - lse_a;
-        const acc_t lq = fb[j] - lse_b;
+        const acc_t lp = (fa[j] - ma) - log_sa;  // log P, as exact as log_softmax
+        const acc_t lq = (fb[j] - mb) - log_sb;
         const acc_t p = vexp(lp);
         const acc_t q = vexp(lq);
         acc_t da = p - q, db;

@@ -4,10 +4,17 @@
 // d = log P - log Q = (a - lse_a) - (b - lse_b).
 //   sym_kl  L = sum_j (P_j - Q_j) d_j = KL(P||Q) + KL(Q||P) = E_P[a-b] - E_Q[a-b]
 //   kl      L = KL(Q||P) = E_Q[b-a] + lse_a - lse_b
-// Forward: ONE read of both rows. Each thread keeps online (rescaled) sums
-//   m = running max, s = sum e^(x-m), t = sum e^(x-m) (a-b)
-// for a and for b, merged across the row by warp shuffles (and shared memory when a row spans
-// several warps). A position where both logits are -inf weighs 0 and contributes 0.
+// Forward: ONE read of both rows. Each thread keeps online (rescaled) sums over the shifted
+// logits x = a - m_a, y = b - m_b (m = running max):
+//   s_a = sum e^x,  t_a = sum e^x (x - y),  s_b = sum e^y,  t_b = sum e^y (x - y),
+// merged across the row by warp shuffles (and shared memory when a row spans several warps).
+// With r = log s_a - log s_b: KL(P||Q) = t_a/s_a - r, KL(Q||P) = r - t_b/s_b,
+// L = t_a/s_a - t_b/s_b. x - y leaves a per-row offset between the logits (which softmax
+// ignores) out of the sums, so nothing large cancels. When a max grows the sums are rescaled by
+// e^(m_old - m_new) and t is shifted by (c_old - c_new) s, c = m_a - m_b.
+// A position where both logits are -inf weighs 0 and contributes 0; a row that is all -inf in
+// both inputs has value 0 and gradient 0. exp is the accurate expf (not __expf): when P ~ Q
+// the gradient's P - Q amplifies exp's relative error.
 // Backward (second read; g = grad of the row value):
 //   mode 0 (sym, full):      dL/da = g (P (d - KL(P||Q)) + P - Q),  dL/db = -g (Q (d + KL(Q||P)) + P - Q)
 //   mode 1 (sym, stop_grad): dL/da = g (P - Q),                     dL/db = g (Q - P)
@@ -42,7 +49,7 @@ __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-__device__ __forceinline__ float dexp(float x) { return __expf(x); }
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
@@ -52,47 +59,83 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Online softmax statistics of one row piece: m = max, s = sum e^(x-m), t = sum e^(x-m) (a-b).
+// Online statistics of a pair of row pieces (module comment): maxima and the four sums.
 template <typename acc_t>
-struct Online {
-  acc_t m, s, t;
+struct PairOnline {
+  acc_t ma, mb, sa, ta, sb, tb;
 
   __device__ void init() {
-    m = neg_inf<acc_t>();
-    s = 0;
-    t = 0;
+    ma = mb = neg_inf<acc_t>();
+    sa = ta = sb = tb = 0;
   }
-  // Raise the max to cover values whose max is cm; returns the offset to subtract before exp.
-  __device__ acc_t raise(acc_t cm) {
-    if (cm > m) {
-      const acc_t f = m == neg_inf<acc_t>() ? acc_t(0) : dexp(m - cm);
-      s *= f;
-      t *= f;
-      m = cm;
-    }
-    return m == neg_inf<acc_t>() ? acc_t(0) : m;
+  // The offset subtracted: the max, or 0 while everything so far is -inf (e^(-inf - 0) = 0).
+  __device__ static acc_t offset(acc_t m) { return m == neg_inf<acc_t>() ? acc_t(0) : m; }
+  __device__ acc_t oa() const { return offset(ma); }
+  __device__ acc_t ob() const { return offset(mb); }
+
+  // Re-express the sums relative to maxima na >= ma, nb >= mb.
+  __device__ void rescale_to(acc_t na, acc_t nb) {
+    const acc_t fa = ma == neg_inf<acc_t>() ? acc_t(0) : dexp(ma - na);
+    const acc_t fb = mb == neg_inf<acc_t>() ? acc_t(0) : dexp(mb - nb);
+    const acc_t shift = (oa() - ob()) - (offset(na) - offset(nb));
+    ta = fa * (ta + shift * sa);
+    sa *= fa;
+    tb = fb * (tb + shift * sb);
+    sb *= fb;
+    ma = na;
+    mb = nb;
   }
-  __device__ void add(acc_t x, acc_t offset, acc_t diff) {
-    const acc_t e = dexp(x - offset);
-    s += e;
-    t += e == acc_t(0) ? acc_t(0) : e * diff;
+  __device__ void raise(acc_t cma, acc_t cmb) {
+    const acc_t na = cma > ma ? cma : ma, nb = cmb > mb ? cmb : mb;
+    if (na != ma || nb != mb) rescale_to(na, nb);
   }
-  __device__ void merge(acc_t om, acc_t os, acc_t ot) {
-    const acc_t nm = om > m ? om : m;
-    const acc_t f1 = m == neg_inf<acc_t>() ? acc_t(0) : dexp(m - nm);
-    const acc_t f2 = om == neg_inf<acc_t>() ? acc_t(0) : dexp(om - nm);
-    s = s * f1 + os * f2;
-    t = t * f1 + ot * f2;
-    m = nm;
+  // One pair of logits, with the current offsets oa, ob.
+  __device__ void add(acc_t a, acc_t b, acc_t oa_, acc_t ob_) {
+    const acc_t x = a - oa_, y = b - ob_;
+    const acc_t ea = dexp(x), eb = dexp(y);
+    sa += ea;
+    ta += ea == acc_t(0) ? acc_t(0) : ea * (x - y);
+    sb += eb;
+    tb += eb == acc_t(0) ? acc_t(0) : eb * (x - y);
+  }
+  __device__ void merge(PairOnline o) {
+    const acc_t na = o.ma > ma ? o.ma : ma, nb = o.mb > mb ? o.mb : mb;
+    rescale_to(na, nb);
+    o.rescale_to(na, nb);
+    sa += o.sa;
+    ta += o.ta;
+    sb += o.sb;
+    tb += o.tb;
+  }
+  __device__ PairOnline shfl_xor(int off) const {
+    PairOnline o;
+    o.ma = __shfl_xor_sync(0xffffffffu, ma, off);
+    o.mb = __shfl_xor_sync(0xffffffffu, mb, off);
+    o.sa = __shfl_xor_sync(0xffffffffu, sa, off);
+    o.ta = __shfl_xor_sync(0xffffffffu, ta, off);
+    o.sb = __shfl_xor_sync(0xffffffffu, sb, off);
+    o.tb = __shfl_xor_sync(0xffffffffu, tb, off);
+    return o;
   }
   __device__ void warp_reduce() {
 #pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      const acc_t om = __shfl_xor_sync(0xffffffffu, m, off);
-      const acc_t os = __shfl_xor_sync(0xffffffffu, s, off);
-      const acc_t ot = __shfl_xor_sync(0xffffffffu, t, off);
-      merge(om, os, ot);
+    for (int off = kWarp / 2; off > 0; off /= 2) merge(shfl_xor(off));
+  }
+  // Row value and the row's stats (acc_type.h).
+  __device__ acc_t finish(int mode, acc_t* st) const {
+    if (sa == acc_t(0) && sb == acc_t(0)) {  // both rows entirely -inf: nothing contributes
+      for (int k = 0; k < kStatsPerRow; ++k) st[k] = 0;
+      return 0;
     }
+    const acc_t log_sa = dlog(sa), log_sb = dlog(sb);
+    const acc_t ep = ta / sa, eq = tb / sb, r = log_sa - log_sb;
+    st[0] = oa();
+    st[1] = ob();
+    st[2] = log_sa;
+    st[3] = log_sb;
+    st[4] = ep - r;  // KL(P||Q)
+    st[5] = r - eq;  // KL(Q||P)
+    return mode == 2 ? st[5] : ep - eq;
   }
 };
 
@@ -135,11 +178,9 @@ __device__ __forceinline__ int64_t head_of(int64_t row_offset, int64_t V) {
 template <typename scalar_t, int VEC>
 __device__ __forceinline__ void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t V,
                                                int64_t head, int tid, int nthreads,
-                                               Online<typename AccType<scalar_t>::type>& pa,
-                                               Online<typename AccType<scalar_t>::type>& pb) {
+                                               PairOnline<typename AccType<scalar_t>::type>& p) {
   using acc_t = typename AccType<scalar_t>::type;
-  pa.init();
-  pb.init();
+  p.init();
   for_row<scalar_t, VEC>(a, b, V, head, tid, nthreads,
                          [&](int64_t, const acc_t* xs, const acc_t* ys, int K) {
     acc_t cma = neg_inf<acc_t>(), cmb = neg_inf<acc_t>();
@@ -147,34 +188,16 @@ __device__ __forceinline__ void accumulate_row(const scalar_t* a, const scalar_t
       cma = xs[k] > cma ? xs[k] : cma;
       cmb = ys[k] > cmb ? ys[k] : cmb;
     }
-    const acc_t oa = pa.raise(cma), ob = pb.raise(cmb);
-    for (int k = 0; k < K; ++k) {
-      const acc_t diff = xs[k] - ys[k];
-      pa.add(xs[k], oa, diff);
-      pb.add(ys[k], ob, diff);
-    }
+    p.raise(cma, cmb);
+    const acc_t oa = p.oa(), ob = p.ob();
+    for (int k = 0; k < K; ++k) p.add(xs[k], ys[k], oa, ob);
   });
-}
-
-// From a row's merged statistics: its value and stats = (lse_a, lse_b, KL(P||Q), KL(Q||P)).
-template <typename acc_t>
-__device__ __forceinline__ void write_row(const Online<acc_t>& pa, const Online<acc_t>& pb,
-                                          int mode, acc_t* row_value, acc_t* st) {
-  const acc_t lse_a = pa.m + dlog(pa.s);
-  const acc_t lse_b = pb.m + dlog(pb.s);
-  const acc_t ep = pa.t / pa.s;  // E_P[a-b]
-  const acc_t eq = pb.t / pb.s;  // E_Q[a-b]
-  st[0] = lse_a;
-  st[1] = lse_b;
-  st[2] = ep - (lse_a - lse_b);  // KL(P||Q)
-  st[3] = (lse_a - lse_b) - eq;  // KL(Q||P)
-  *row_value = mode == 2 ? st[3] : ep - eq;
 }
 
 template <typename acc_t>
 __device__ __forceinline__ void write_masked_row(acc_t* row_value, acc_t* st) {
   *row_value = 0;
-  st[0] = st[1] = st[2] = st[3] = 0;
+  for (int k = 0; k < kStatsPerRow; ++k) st[k] = 0;
 }
 
 // Reduction (checks.h), by one whole block: sum of rows in double and counted rows, in a fixed
@@ -217,44 +240,38 @@ __device__ void block_finalize(const acc_t* rows, const bool* mask, int64_t N, i
 }
 
 template <typename scalar_t, int VEC>
-__global__ void sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+__global__ void __launch_bounds__(1024) sym_kl_fwd_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
                                   int64_t sa, int64_t sb, const bool* __restrict__ mask,
                                   int64_t N, int64_t V, int mode,
                                   typename AccType<scalar_t>::type* __restrict__ rows,
                                   typename AccType<scalar_t>::type* __restrict__ stats) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t smem[6 * kMaxWarps];
+  __shared__ PairOnline<acc_t> smem[kMaxWarps];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= N) return;  // only in warp-per-row mode, where no __syncthreads follows
+  acc_t* st = stats + kStatsPerRow * row;
   if (mask != nullptr && !mask[row]) {  // uniform over the threads of a row
-    if (threadIdx.x == 0) write_masked_row(rows + row, stats + 4 * row);
+    if (threadIdx.x == 0) write_masked_row(rows + row, st);
     return;
   }
-  Online<acc_t> pa, pb;
+  PairOnline<acc_t> p;
   accumulate_row<scalar_t, VEC>(A + row * sa, B + row * sb, V, head_of<VEC>(row * sa, V),
-                                threadIdx.x, blockDim.x, pa, pb);
-  pa.warp_reduce();
-  pb.warp_reduce();
+                                threadIdx.x, blockDim.x, p);
+  p.warp_reduce();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
   if (nwarps > 1) {  // one row per block: merge the warps through shared memory
-    if (lane == 0) {
-      smem[6 * warp + 0] = pa.m; smem[6 * warp + 1] = pa.s; smem[6 * warp + 2] = pa.t;
-      smem[6 * warp + 3] = pb.m; smem[6 * warp + 4] = pb.s; smem[6 * warp + 5] = pb.t;
-    }
+    if (lane == 0) smem[warp] = p;
     __syncthreads();
     if (warp != 0) return;
     if (lane < nwarps) {
-      pa.m = smem[6 * lane + 0]; pa.s = smem[6 * lane + 1]; pa.t = smem[6 * lane + 2];
-      pb.m = smem[6 * lane + 3]; pb.s = smem[6 * lane + 4]; pb.t = smem[6 * lane + 5];
+      p = smem[lane];
     } else {
-      pa.init();
-      pb.init();
+      p.init();
     }
-    pa.warp_reduce();
-    pb.warp_reduce();
+    p.warp_reduce();
   }
-  if (lane == 0) write_row(pa, pb, mode, rows + row, stats + 4 * row);
+  if (lane == 0) rows[row] = p.finish(mode, st);
 }
 
 // The reduction of sym_kl_fwd_kernel's rows: one block.
@@ -269,7 +286,7 @@ __global__ void sym_kl_finalize_kernel(const acc_t* __restrict__ rows,
 // Small problems in ONE launch: a single block, one warp per row in turn, then the reduction.
 // (A classification head's loss: launch-bound, so one launch instead of two.)
 template <typename scalar_t>
-__global__ void sym_kl_small_kernel(const scalar_t* __restrict__ A,
+__global__ void __launch_bounds__(256) sym_kl_small_kernel(const scalar_t* __restrict__ A,
                                     const scalar_t* __restrict__ B, int64_t sa, int64_t sb,
                                     const bool* __restrict__ mask, int64_t N, int64_t V, int mode,
                                     int64_t reduction,
@@ -279,22 +296,22 @@ __global__ void sym_kl_small_kernel(const scalar_t* __restrict__ A,
                                     typename AccType<scalar_t>::type* __restrict__ scale) {
   using acc_t = typename AccType<scalar_t>::type;
   for (int64_t row = threadIdx.y; row < N; row += blockDim.y) {
+    acc_t* st = stats + kStatsPerRow * row;
     if (mask != nullptr && !mask[row]) {
-      if (threadIdx.x == 0) write_masked_row(rows + row, stats + 4 * row);
+      if (threadIdx.x == 0) write_masked_row(rows + row, st);
       continue;
     }
-    Online<acc_t> pa, pb;
-    accumulate_row<scalar_t, 1>(A + row * sa, B + row * sb, V, 0, threadIdx.x, kWarp, pa, pb);
-    pa.warp_reduce();
-    pb.warp_reduce();
-    if (threadIdx.x == 0) write_row(pa, pb, mode, rows + row, stats + 4 * row);
+    PairOnline<acc_t> p;
+    accumulate_row<scalar_t, 1>(A + row * sa, B + row * sb, V, 0, threadIdx.x, kWarp, p);
+    p.warp_reduce();
+    if (threadIdx.x == 0) rows[row] = p.finish(mode, st);
   }
   __syncthreads();  // the rows are written: reduce them
   block_finalize(rows, mask, N, V, reduction, out, scale);
 }
 
 template <typename scalar_t, int VEC>
-__global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __restrict__ grad_out,
+__global__ void __launch_bounds__(1024) sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __restrict__ grad_out,
                                   int64_t sg,
                                   const typename AccType<scalar_t>::type* __restrict__ scale,
                                   const scalar_t* __restrict__ A,
@@ -310,15 +327,16 @@ __global__ void sym_kl_bwd_kernel(const typename AccType<scalar_t>::type* __rest
   scalar_t* gb = GB == nullptr ? nullptr : GB + row * V;
   const bool keep = mask == nullptr || mask[row];
   const acc_t g = keep ? grad_out[row * sg] * scale[0] : acc_t(0);
-  const acc_t* st = stats + 4 * row;
-  const acc_t lse_a = st[0], lse_b = st[1], kl_pq = st[2], kl_qp = st[3];
+  const acc_t* st = stats + kStatsPerRow * row;
+  const acc_t ma = st[0], mb = st[1], log_sa = st[2], log_sb = st[3];
+  const acc_t kl_pq = st[4], kl_qp = st[5];
   const scalar_t* a = A + row * sa;
   const scalar_t* b = B + row * sb;
   for_row<scalar_t, VEC>(a, b, V, head_of<VEC>(row * sa, V), threadIdx.x, blockDim.x,
                          [&](int64_t j, const acc_t* xs, const acc_t* ys, int K) {
     acc_t va[VEC], vb[VEC];
     for (int k = 0; k < K; ++k) {
-      const acc_t lp = xs[k] - lse_a, lq = ys[k] - lse_b;
+      const acc_t lp = (xs[k] - ma) - log_sa, lq = (ys[k] - mb) - log_sb;  // log P, log Q
       const acc_t p = dexp(lp), q = dexp(lq);
       acc_t da = p - q, db;
       if (mode == 0) {
@@ -365,7 +383,9 @@ Launch launch_shape(int64_t N, int64_t V) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-constexpr int64_t kSmallElements = 1 << 16;  // fused single-launch path up to this N * V
+// Fused single-launch path up to these sizes (8 warps take the rows in turn).
+constexpr int64_t kSmallElements = 1 << 16;
+constexpr int64_t kSmallRows = 512;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
@@ -379,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd_cuda(
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool small = V <= kShortRow && N * V <= kSmallElements;
+  const bool small = V <= kShortRow && N <= kSmallRows && N * V <= kSmallElements;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sym_kl_fwd_cuda",
                                   [&] {
     using acc_t = typename AccType<scalar_t>::type;

@@ -1,6 +1,6 @@
 """``sym_kl`` and ``kl``: validation, autograd, dispatch to a backend, reduction.
 
-The kernels work on rows [N, V] and return per-row values plus per-row statistics [N, 4] that
+The kernels work on rows [N, V] and return per-row values plus per-row statistics [N, 6] that
 the backward reuses:
 * native: ``torch.ops.smart_kernels.sym_kl_fwd/_bwd`` (csrc/cpu, csrc/cuda) under the
   differentiable ``torch.ops.smart_kernels.sym_kl`` whose autograd is C++
@@ -20,7 +20,8 @@ from smart_kernels import _backends, reference
 from smart_kernels.ops._checks import check_choice, check_logits_pair, check_row_mask
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2, "mean": 3}  # csrc/autograd/sym_kl.cpp
+REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2, "mean": 3}  # csrc/checks.h
+STATS_PER_ROW = 6  # csrc/acc_type.h
 GRAD_MODES = {"full": 0, "stop_grad": 1}
 KL_MODE = 2
 
@@ -72,7 +73,7 @@ def _fwd_fake(input, target, mask, mode, reduction):
     out_shape = (n,) if reduction == REDUCTION_CODES["none"] else ()
     return (
         input.new_empty(out_shape, dtype=acc),
-        input.new_empty((n, 4), dtype=acc),
+        input.new_empty((n, STATS_PER_ROW), dtype=acc),
         input.new_empty((), dtype=acc),
     )
 
@@ -97,6 +98,11 @@ def _triton_setup_context(ctx, inputs, output):
 
 
 def _triton_backward(ctx, grad_out, _grad_stats, _grad_scale):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the kernels' gradient is final
+        raise RuntimeError(
+            "smart_kernels sym_kl/kl (triton backend): double backward (create_graph=True) is "
+            'not supported; use backend="reference" for higher-order gradients'
+        )
     input, target, mask, stats, scale = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     ga, gb = _sym_kl_bwd_triton(
