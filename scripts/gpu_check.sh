@@ -4,8 +4,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
-# 2. runs the sym-KL benchmark (CSV under $OUT);
-# 3. runs `pytest -m gpu` (log under $OUT);
+# 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
+# 3. runs the sym-KL benchmark (CSV under $OUT) and the launch-overhead probe (PROBE=0 skips it);
 # 4. prints a short table last.
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
@@ -51,6 +51,13 @@ echo "built in $(( $(date +%s) - start )) s for sm_$arch"
 $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.backends().items()})" \
   | tee -a "$OUT/env.txt"
 
+stage "pytest -m gpu"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests \
+  >"$OUT/pytest_gpu.log" 2>&1
+rc=$?
+tail -25 "$OUT/pytest_gpu.log"
+[ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
+
 stage "benchmark"
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 csv="$OUT/sym_kl_${gpu}.csv"
@@ -59,14 +66,7 @@ timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_sym_kl.py --out "$csv" 2>&1
   || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
 stage "launch-bound overhead probe ([32, 3])"
-timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt"
-
-stage "pytest -m gpu"
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests \
-  >"$OUT/pytest_gpu.log" 2>&1
-rc=$?
-tail -25 "$OUT/pytest_gpu.log"
-[ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
+[ "${PROBE:-1}" = 0 ] || timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt"
 
 stage "summary"
 sed -n 2p "$OUT/env.txt"

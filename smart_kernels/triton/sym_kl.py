@@ -139,12 +139,14 @@ def sym_kl_fwd_kernel(
     s_b = tl.zeros([], ACC)
     t_b = tl.zeros([], ACC)
     head = _row_head(row, stride_a, n, ALIGN)
-    if ALIGN > 1:
-        offs = tl.arange(0, ALIGN)
-        valid = offs < head
-        x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=neg_inf).to(ACC)
-        y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=neg_inf).to(ACC)
-        m_a, m_b, s_a, t_a, s_b, t_b = _online_update(x, y, m_a, m_b, s_a, t_a, s_b, t_b, PRECISE)
+    if ALIGN > 1:  # (names of their own: the loop below must not see them as loop-carried)
+        offs_h = tl.arange(0, ALIGN)
+        valid_h = offs_h < head
+        x_h = tl.load(a_ptr + row * stride_a + offs_h, mask=valid_h, other=neg_inf).to(ACC)
+        y_h = tl.load(b_ptr + row * stride_b + offs_h, mask=valid_h, other=neg_inf).to(ACC)
+        m_a, m_b, s_a, t_a, s_b, t_b = _online_update(
+            x_h, y_h, m_a, m_b, s_a, t_a, s_b, t_b, PRECISE
+        )
     n_full = (n - head) // BLOCK_V
     for i in range(0, n_full):
         j = head + i * BLOCK_V
@@ -263,18 +265,18 @@ def sym_kl_bwd_kernel(
     ga_row = ga_ptr + row * V
     gb_row = gb_ptr + row * V
     head = _row_head(row, stride_a, V, ALIGN)
-    if ALIGN > 1:
-        offs = tl.arange(0, ALIGN)
-        valid = offs < head
-        x = tl.load(a_ptr + row * stride_a + offs, mask=valid, other=0.0).to(ACC)
-        y = tl.load(b_ptr + row * stride_b + offs, mask=valid, other=0.0).to(ACC)
-        va, vb = _grad_block(
-            x, y, g, m_a, m_b, log_sa, log_sb, kl_pq, kl_qp, keep, MODE, HAS_MASK, PRECISE
+    if ALIGN > 1:  # (names of their own: the loop below must not see them as loop-carried)
+        offs_h = tl.arange(0, ALIGN)
+        valid_h = offs_h < head
+        x_h = tl.load(a_ptr + row * stride_a + offs_h, mask=valid_h, other=0.0).to(ACC)
+        y_h = tl.load(b_ptr + row * stride_b + offs_h, mask=valid_h, other=0.0).to(ACC)
+        va_h, vb_h = _grad_block(
+            x_h, y_h, g, m_a, m_b, log_sa, log_sb, kl_pq, kl_qp, keep, MODE, HAS_MASK, PRECISE
         )
         if NEED_A:
-            tl.store(ga_row + offs, va.to(ga_ptr.dtype.element_ty), mask=valid)
+            tl.store(ga_row + offs_h, va_h.to(ga_ptr.dtype.element_ty), mask=valid_h)
         if NEED_B:
-            tl.store(gb_row + offs, vb.to(gb_ptr.dtype.element_ty), mask=valid)
+            tl.store(gb_row + offs_h, vb_h.to(gb_ptr.dtype.element_ty), mask=valid_h)
     n_full = (V - head) // BLOCK_V
     for i in range(0, n_full):
         j = head + i * BLOCK_V
