@@ -2,7 +2,7 @@
 #   make setup       .venv with the pinned CPU toolchain + editable build (idempotent)
 #   make test        setup if needed, then pytest (CPU: reference, native C++, Triton interpreter)
 #   make lint        ruff
-#   make bench       the sym-KL benchmark on whatever device is present
+#   make bench       the benchmark harness (python -m benchmarks) on whatever device is present
 #   make cuda-check  build the CUDA extension against a CUDA torch (compile + link; no GPU needed)
 #   make gpu-check   scripts/gpu_check.sh (on a GPU machine)
 #   make gpu-wheels  .gpu-wheels/: pytest wheels for an offline GPU machine (Python 3.12)
@@ -15,7 +15,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 
 # Pinned CPU toolchain (DESIGN §7). torch is pinned so that nothing pulls a CUDA build.
 TORCH_CPU := torch==2.13.0
-DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel
+DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm
 TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
@@ -24,8 +24,8 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h c
 
 setup: $(VENV)/.installed
 
-$(VENV)/.deps:
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.deps: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_CPU) $(DEPS)
 	touch $@
 
@@ -37,11 +37,11 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check smart_kernels tests benchmarks
-	$(PY) -m ruff format --check smart_kernels tests benchmarks
+	$(PY) -m ruff check smart_kernels tests benchmarks scripts setup.py
+	$(PY) -m ruff format --check smart_kernels tests benchmarks scripts setup.py
 
 bench: setup
-	$(PY) benchmarks/bench_sym_kl.py
+	$(PY) -m benchmarks
 
 cuda-check:
 	@if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then \
@@ -62,7 +62,7 @@ gpu-check:
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
-		-d .gpu-wheels pytest pluggy iniconfig packaging pygments
+		-d .gpu-wheels pytest pluggy iniconfig packaging pygments tqdm liger-kernel
 
 clean:
 	rm -rf build build-cuda *.egg-info smart_kernels/_C*.so

@@ -1,36 +1,64 @@
-"""Benchmark sym_kl forward + backward (gradients to both inputs).
+"""sym_kl and kl benchmarks (forward, backward, forward + backward; gradients to both inputs).
 
-Providers (all computing the same value; ``fwd_ms`` is the forward alone): eager PyTorch in the
-mt-dnn formulation
-``kl_div(log_softmax(a), softmax(b).detach()) + kl_div(log_softmax(b), softmax(a).detach())``
-(batchmean), ``torch.compile`` of it, and ours (triton, native). Reported per shape: median ms,
-effective GB/s = 4·N·V·bytes / time (read a, b; write both gradients), % of the copy bandwidth
-measured in the same run, peak extra memory beyond inputs and gradients, and speedups.
+Providers: eager PyTorch in the formulation peers use (mt-dnn / smart-pytorch for sym_kl:
+``kl_div(log_softmax(a), softmax(b).detach()) + kl_div(log_softmax(b), softmax(a).detach())``,
+batchmean; ``F.kl_div(log_softmax(a), softmax(b))`` for kl), ``torch.compile`` of it, ours
+(native, triton) and Liger-Kernel (sym_kl composed from ``log_softmax`` + ``LigerJSD(beta=0)``,
+which is KL(P||Q) on log-probabilities, in both directions with stop-gradient targets).
+Minimal bytes: fwd reads both rows (2·N·V), bwd reads both and writes both gradients (4·N·V),
+fwd+bwd 4·N·V (the issue's convention: a fused kernel that kept rows on chip would need no more).
 
-    python benchmarks/bench_sym_kl.py [--device cuda|cpu] [--out FILE.csv] [--quick]
+    python benchmarks/bench_sym_kl.py [harness options]    (= python -m benchmarks --op sym_kl,kl)
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import smart_kernels as sk  # noqa: E402
+from benchmarks.spec import Case, OpBench, Provider  # noqa: E402
 
-GPU_SHAPES = [
-    (32, 3, torch.float32),
-    (4096, 32000, torch.float32),
-    (8192, 50257, torch.bfloat16),
-    (4096, 128256, torch.bfloat16),
+GPU_CASES = [
+    Case((32, 3), torch.float32),
+    Case((4096, 32000), torch.float32),
+    Case((8192, 50257), torch.bfloat16),
+    Case((4096, 128256), torch.bfloat16),
 ]
-CPU_SHAPES = [(32, 3, torch.float32), (256, 32000, torch.float32), (64, 50257, torch.bfloat16)]
+GPU_QUICK = [GPU_CASES[0], GPU_CASES[1], Case((4096, 128256), torch.bfloat16)]
+CPU_CASES = [
+    Case((32, 3), torch.float32),
+    Case((256, 32000), torch.float32),
+    Case((64, 50257), torch.bfloat16),
+]
+SMOKE_CASES = [Case((4, 3), torch.float32), Case((3, 257), torch.bfloat16)]
+
+
+def cases(device: torch.device, size: str) -> list[Case]:
+    if size == "smoke":
+        return SMOKE_CASES
+    if device.type == "cuda":
+        return GPU_QUICK if size == "quick" else GPU_CASES
+    return CPU_CASES[:2] if size == "quick" else CPU_CASES
+
+
+def make_inputs(case: Case, device: torch.device) -> list[torch.Tensor]:
+    a = (torch.randn(case.shape, device=device) * 2).to(case.dtype).requires_grad_()
+    b = (torch.randn(case.shape, device=device) * 2).to(case.dtype).requires_grad_()
+    return [a, b]
+
+
+def min_bytes(case: Case, mode: str) -> int:
+    element = torch.tensor([], dtype=case.dtype).element_size()
+    passes = 2 if mode == "fwd" else 4
+    return passes * case.numel * element
 
 
 def mtdnn_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,124 +67,69 @@ def mtdnn_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return loss + F.kl_div(F.log_softmax(b, -1), F.softmax(a, -1).detach(), reduction="batchmean")
 
 
-def providers(device: torch.device) -> dict:
-    out = {"eager": mtdnn_sym_kl}
-    if device.type == "cuda" or os.environ.get("SMART_KERNELS_BENCH_COMPILE_CPU"):
-        out["compile"] = torch.compile(mtdnn_sym_kl, dynamic=False)
+def eager_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="batchmean")
+
+
+def _ours(op: str, device: torch.device) -> list[Provider]:
+    out = []
     for name, info in sk.backends().items():
-        if name != "reference" and info.reason(device) is None:
-            out[name] = lambda a, b, _n=name: sk.sym_kl(a, b, grad="stop_grad", backend=_n)
+        if name == "reference":
+            continue
+        reason = info.reason(device)
+        if op == "sym_kl":
+            fn = lambda a, b, _n=name: sk.sym_kl(a, b, grad="stop_grad", backend=_n)  # noqa: E731
+        else:
+            fn = lambda a, b, _n=name: sk.kl(a, b, backend=_n)  # noqa: E731
+        out.append(Provider(f"ours-{name}", None if reason else fn, reason))
     return out
 
 
-def bench_shape(
-    n: int, v: int, dtype: torch.dtype, device: torch.device, copy_bw: float, provs: dict
-) -> list[dict]:
-    a = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
-    b = (torch.randn(n, v, device=device) * 2).to(dtype).requires_grad_()
-    elt = a.element_size()
-    io_bytes = 4 * n * v * elt
-    grads_bytes = 2 * n * v * elt
-    inputs_bytes = 2 * n * v * elt
-    rows = []
-    for name, fn in provs.items():
+def _liger_sym_kl(device: torch.device) -> Provider:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return Provider("liger", skip="liger_kernel not installed")
+    if device.type != "cuda":
+        return Provider("liger", skip="Liger-Kernel's Triton kernels need CUDA tensors")
+    try:
+        from liger_kernel.transformers.jsd import LigerJSD
 
-        def step(fn=fn):
-            a.grad = None
-            b.grad = None
-            fn(a, b).backward()
+        kl_pq = LigerJSD(beta=0.0)  # KL(P||Q) on (log Q = input, log P = target)
+    except Exception as exc:  # an old Liger without beta=0
+        return Provider("liger", skip=f"LigerJSD(beta=0) unavailable: {exc}")
 
-        def forward_only(fn=fn):
-            fn(a, b)
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        la, lb = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
+        return kl_pq(la, lb.detach()) + kl_pq(lb, la.detach())
 
-        try:
-            fwd_ms = common.time_ms(forward_only, device)
-            ms = common.time_ms(step, device)
-            a.grad = None
-            b.grad = None
-            peak = common.peak_extra_bytes(step, device)
-        except Exception as exc:  # report, don't hide: one provider failing keeps the others
-            print(f"  {name} {n}x{v} {dtype}: FAILED {type(exc).__name__}: {exc}")
-            continue
-        extra = None if peak is None else max(peak - grads_bytes, 0)
-        gbps = io_bytes / (ms * 1e-3) / 1e9
-        rows.append(
-            {
-                "device": common.device_name(device),
-                "op": "sym_kl_fwd_bwd",
-                "N": n,
-                "V": v,
-                "dtype": str(dtype).replace("torch.", ""),
-                "provider": name,
-                "ms": f"{ms:.4f}",
-                "us": f"{ms * 1e3:.1f}",
-                "fwd_ms": f"{fwd_ms:.4f}",
-                "fwd_us": f"{fwd_ms * 1e3:.1f}",
-                "GB/s": f"{gbps:.0f}",
-                "%copy_bw": f"{100 * gbps / copy_bw:.0f}",
-                "extra_MB": "" if extra is None else f"{extra / 2**20:.1f}",
-                "extra_%inputs": "" if extra is None else f"{100 * extra / inputs_bytes:.2f}",
-            }
-        )
-    base = {r["provider"]: float(r["ms"]) for r in rows}
-    base_fwd = {r["provider"]: float(r["fwd_ms"]) for r in rows}
-    for r in rows:
-        ms, fwd = float(r["ms"]), float(r["fwd_ms"])
-        r["x_vs_eager"] = f"{base['eager'] / ms:.2f}" if "eager" in base else ""
-        r["x_vs_compile"] = f"{base['compile'] / ms:.2f}" if "compile" in base else ""
-        r["fwd_x_vs_eager"] = f"{base_fwd['eager'] / fwd:.2f}" if "eager" in base else ""
-    return rows
+    return Provider("liger", fn)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/out/...)")
-    parser.add_argument("--quick", action="store_true", help="only the smaller shapes")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    if args.quick:
-        shapes = shapes[:2]
-    copy_bw = common.copy_bandwidth_gbps(device)
-    print(
-        f"device: {common.device_name(device)}  torch {torch.__version__}  "
-        f"copy bandwidth {copy_bw:.0f} GB/s (measured)"
-    )
-    provs = providers(device)
-    rows = []
-    for n, v, dtype in shapes:
-        rows += bench_shape(n, v, dtype, device, copy_bw, provs)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    for r in rows:
-        r["copy_GB/s"] = f"{copy_bw:.0f}"
-        r["torch"] = torch.__version__
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "out",
-        "sym_kl_" + common.device_name(device).replace(" ", "_") + ".csv",
-    )
-    common.write_csv(out, rows)
-    common.print_table(
-        rows,
-        [
-            "N",
-            "V",
-            "dtype",
-            "provider",
-            "ms",
-            "GB/s",
-            "%copy_bw",
-            "extra_MB",
-            "x_vs_eager",
-            "x_vs_compile",
-            "fwd_us",
-            "fwd_x_vs_eager",
-        ],
-    )
-    print(f"wrote {out}")
+def _compile(fn):
+    return torch.compile(fn, dynamic=False)
 
+
+def sym_kl_providers(device: torch.device) -> list[Provider]:
+    return [
+        Provider("eager", mtdnn_sym_kl),
+        Provider("compile", _compile(mtdnn_sym_kl)),
+        *_ours("sym_kl", device),
+        _liger_sym_kl(device),
+    ]
+
+
+def kl_providers(device: torch.device) -> list[Provider]:
+    return [
+        Provider("eager", eager_kl),
+        Provider("compile", _compile(eager_kl)),
+        *_ours("kl", device),
+    ]
+
+
+SYM_KL = OpBench("sym_kl", cases, make_inputs, sym_kl_providers, min_bytes)
+KL = OpBench("kl", cases, make_inputs, kl_providers, min_bytes)
+OPS = [SYM_KL, KL]
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    main(default_ops="sym_kl,kl")

@@ -1,15 +1,29 @@
-"""Shared benchmark machinery: timing (CUDA events or wall clock), peak extra memory, the
-device's copy bandwidth, CSV output and a printed table. Benchmarks report; they never assert."""
+"""Measurement primitives: timing (``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark``
+on CPU), peak extra memory, the device's copy bandwidth, and the run's environment.
+Benchmarks report; they never assert."""
 
 from __future__ import annotations
 
-import csv
+import datetime
+import importlib.metadata
 import os
-import statistics
-import time
+import platform
+import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20th / 80th percentiles."""
+
+    p50: float
+    p20: float
+    p80: float
 
 
 def device_name(device: torch.device) -> str:
@@ -23,41 +37,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(
+def _quantile(xs: Sequence[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_call(
     fn: Callable[[], object],
     device: torch.device,
     *,
-    warmup: int = 5,
-    batches: int = 7,
-    min_time_s: float = 0.3,
-) -> float:
-    """Milliseconds per call of ``fn``: the median over ``batches`` of the mean time of a batch of
-    back-to-back calls. Back-to-back batches measure launch-bound calls as a training loop runs
-    them (the host's issue time included); for long calls it is the plain kernel time."""
-    for _ in range(warmup):
+    grad_to_none: Sequence[torch.Tensor] = (),
+    budget_ms: float = 200.0,
+) -> Timing:
+    """Time ``fn`` after warm-up. CUDA: ``triton.testing.do_bench``, which also clears the L2 cache
+    before every call (so large inputs are never served from L2). CPU:
+    ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(
+            fn,
+            warmup=max(budget_ms / 4, 5),
+            rep=budget_ms,
+            grad_to_none=list(grad_to_none) or None,
+            quantiles=[0.5, 0.2, 0.8],
+        )
+        return Timing(p50, p20, p80)
+    from torch.utils import benchmark
+
+    def call():
+        for t in grad_to_none:
+            t.grad = None
         fn()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    one = max(time.perf_counter() - t0, 1e-6)
-    per_batch = max(1, min(200, int(min_time_s / batches / one)))
-    means = []
-    for _ in range(batches):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(per_batch):
-                fn()
-            end.record()
-            end.synchronize()
-            means.append(start.elapsed_time(end) / per_batch)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(per_batch):
-                fn()
-            means.append((time.perf_counter() - t0) * 1e3 / per_batch)
-    return statistics.median(means)
+
+    call()  # warm-up
+    m = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(
+        min_run_time=budget_ms / 1e3
+    )
+    times = [t * 1e3 for t in m.times]
+    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -73,26 +93,41 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Measured device copy bandwidth (read + write bytes per second), GB/s."""
+    """Device copy bandwidth, bytes read + written per second, in GB/s (a large copy)."""
     if device.type == "cpu":
         nbytes = min(nbytes, 256 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = time_call(lambda: dst.copy_(src), device, budget_ms=300).p50
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def write_csv(path: str, rows: Sequence[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
-def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What a results row records about the run."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "smart_kernels": _version("smart_kernels"),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

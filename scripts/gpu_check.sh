@@ -5,7 +5,8 @@
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
 # 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
-# 3. runs the sym-KL benchmark (CSV under $OUT) and the launch-overhead probe (PROBE=0 skips it);
+# 3. runs the benchmark harness, --quick (results.csv + results.md under $OUT/bench) and the
+#    launch-overhead probe (PROBE=0 skips it);
 # 4. prints a short table last.
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
@@ -30,10 +31,14 @@ except Exception as e:
     print("triton: not importable:", e)
 print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 PYEOF
-if ! $PY -c "import pytest" 2>/dev/null && [ -d .gpu-wheels ]; then
-  $PY -m pip install -q --no-index --find-links .gpu-wheels pytest >>"$OUT/env.txt" 2>&1 \
-    || echo "could not install pytest from .gpu-wheels (see $OUT/env.txt)"
-fi
+for pkg in tqdm liger_kernel; do  # offline: from .gpu-wheels (make gpu-wheels) if present
+  if ! $PY -c "import $pkg" 2>/dev/null && [ -d .gpu-wheels ]; then
+    $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels "${pkg//_/-}" \
+      >>"$OUT/env.txt" 2>&1 || echo "$pkg: not installable from .gpu-wheels (see $OUT/env.txt)"
+  fi
+done
+$PY -c "import pytest" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpu-wheels \
+  pytest >>"$OUT/env.txt" 2>&1 || true
 
 stage "build (SMART_KERNELS_CUDA=1)"
 arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')")
@@ -58,12 +63,12 @@ rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
 
-stage "benchmark"
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
-csv="$OUT/sym_kl_${gpu}.csv"
-timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_sym_kl.py --out "$csv" 2>&1 \
-  | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
-  || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
+stage "benchmark harness (--quick)"
+# No plots here (the device tool brings back few files): re-render them where the CSV lands with
+# `python -m benchmarks.report $OUT/bench/results.csv`.
+timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --no-plots --no-progress \
+  --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
+  | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
 stage "launch-bound overhead probe ([32, 3])"
 [ "${PROBE:-1}" = 0 ] || timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt"
@@ -71,15 +76,5 @@ stage "launch-bound overhead probe ([32, 3])"
 stage "summary"
 sed -n 2p "$OUT/env.txt"
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
-[ -f "$csv" ] && $PY - "$csv" <<'PYEOF'
-import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-print(f"copy bandwidth {rows[0]['copy_GB/s']} GB/s")
-cols = ["N", "V", "dtype", "provider", "ms", "GB/s", "%copy_bw", "extra_MB", "x_vs_eager",
-        "x_vs_compile", "fwd_us", "fwd_x_vs_eager"]
-w = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-print("  ".join(c.ljust(w[c]) for c in cols))
-for r in rows:
-    print("  ".join(r[c].ljust(w[c]) for c in cols))
-PYEOF
+sed -n '/^op  /,/^wrote/p' "$OUT/bench.txt"
 exit $status

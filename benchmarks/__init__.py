@@ -1,0 +1,1 @@
+"""smart_kernels benchmark harness: ``python -m benchmarks --help``."""

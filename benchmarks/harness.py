@@ -1,0 +1,161 @@
+"""The benchmark harness: one command, every op and provider, a CSV with a stable schema, a
+markdown table and plots.
+
+    python -m benchmarks [--op sym_kl,kl|all] [--mode fwd,bwd,full] [--quick|--smoke]
+                         [--device cpu|cuda] [--out DIR]
+
+Every requested provider yields numbers or a row saying why it was skipped. Timing: median and
+p20/p80 (``benchmarks/common.py``); effective bandwidth from each op's minimal byte count, and
+its % of the copy bandwidth measured at the start of the same run; peak memory above the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common, report  # noqa: E402
+from benchmarks.spec import MODES, Case, OpBench, Provider  # noqa: E402
+
+
+def all_ops() -> dict[str, OpBench]:
+    from benchmarks import bench_sym_kl
+
+    return {op.name: op for op in bench_sym_kl.OPS}
+
+
+def _mode_callable(provider: Provider, inputs: list[torch.Tensor], mode: str):
+    """(callable to time, tensors whose .grad is reset between calls)."""
+    fn = provider.fn
+    if mode == "fwd":
+        return (lambda: fn(*inputs)), []
+    if mode == "full":
+        return (lambda: fn(*inputs).backward()), inputs
+    out = fn(*inputs)  # bwd: one graph, backward repeated
+    return (lambda: out.backward(retain_graph=True)), inputs
+
+
+def measure(
+    op: OpBench, case: Case, provider: Provider, mode: str, device: torch.device,
+    copy_bw: float, budget_ms: float,
+) -> list[dict]:  # fmt: skip
+    """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode."""
+    key = {"op": op.name, "provider": provider.name, "mode": mode, "shape": case.label,
+           "dtype": case.dtype_name}  # fmt: skip
+    if provider.skip is not None:
+        return [report.skip_row(key, provider.skip)]
+    try:
+        inputs = op.make_inputs(case, device)
+        fn, grads = _mode_callable(provider, inputs, mode)
+        t = common.time_call(fn, device, grad_to_none=grads, budget_ms=budget_ms)
+        for x in grads:
+            x.grad = None
+        peak = common.peak_extra_bytes(fn, device)
+    except Exception as exc:  # one failing provider must not hide the others
+        msg = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return [report.skip_row(key, msg)]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    nbytes = op.min_bytes(case, mode)
+    gbps = [nbytes / (ms * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
+    rows = [
+        report.row(key, "time", "ms", t.p50, t.p20, t.p80),
+        report.row(key, "bandwidth", "GB/s", *gbps),
+        report.row(key, "pct_copy_bw", "%", *(100 * g / copy_bw for g in gbps)),
+    ]
+    if peak is not None:
+        rows.append(report.row(key, "peak_extra_mem", "MB", peak / 2**20))
+    return rows
+
+
+def run(
+    ops: list[OpBench], modes: list[str], size: str, device: torch.device,
+    budget_ms: float, progress: bool = True, only: set[str] | None = None,
+) -> tuple[list[dict], dict[str, str], float]:  # fmt: skip
+    env = common.environment(device)
+    copy_bw = common.copy_bandwidth_gbps(device)
+    print(
+        f"== smart_kernels benchmarks on {env['device']} | torch {env['torch']} | triton "
+        f"{env['triton'] or '-'} | smart_kernels {env['smart_kernels'] or '-'} | commit "
+        f"{env['git_commit'] or '-'} | copy bandwidth {copy_bw:.0f} GB/s (measured)",
+        flush=True,
+    )
+    jobs = []
+    for op in ops:
+        providers = [p for p in op.providers(device) if only is None or p.name in only]
+        for case in op.cases(device, size):
+            for mode in modes:
+                if mode in op.modes:
+                    jobs += [(op, case, p, mode) for p in providers]
+    rows = []
+    bar = _progress(jobs, progress)
+    for op, case, provider, mode in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{op.name} {case.label} {provider.name} {mode}")
+        rows += measure(op, case, provider, mode, device, copy_bw, budget_ms)
+    rows += report.speedups(rows)
+    rows = [{**r, **env} for r in rows]
+    return rows, env, copy_bw
+
+
+def _progress(jobs, enabled):
+    if not enabled:
+        return jobs
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return jobs
+    return tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=None)  # off if not a tty
+
+
+def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--op", default=default_ops, help="comma-separated op names, or all")
+    parser.add_argument("--mode", default=",".join(MODES), help="comma-separated: fwd,bwd,full")
+    parser.add_argument("--provider", default=None, help="comma-separated provider names")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
+    parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per run")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    known = all_ops()
+    names = list(known) if args.op == "all" else [n.strip() for n in args.op.split(",")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--op: unknown {unknown}; available: {sorted(known)}")
+    modes = [m.strip() for m in args.mode.split(",")]
+    if any(m not in MODES for m in modes):
+        parser.error(f"--mode: expected some of {MODES}, got {args.mode!r}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+    size_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    budget = args.budget_ms or (20.0 if args.smoke else 100.0 if args.quick else 200.0)
+
+    only = None if args.provider is None else {p.strip() for p in args.provider.split(",")}
+    rows, env, copy_bw = run(
+        [known[n] for n in names], modes, size_name, device, budget, not args.no_progress, only
+    )
+    out_dir = args.out or os.path.join(
+        common.ROOT, "benchmarks", "results", env["device"].replace(" ", "_")
+    )
+    paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)
+    print(report.summary_table(rows))
+    n_plots = sum(p.endswith(".png") for p in paths)
+    print(f"wrote {paths[0]}, {paths[1]} and {n_plots} plots under {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

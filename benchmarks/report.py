@@ -1,0 +1,186 @@
+"""Results: rows with a stable schema (COLUMNS), written as CSV + markdown + PNG plots, and the
+short summary table printed last.
+
+    python -m benchmarks.report RESULTS.csv [OUT_DIR]    re-render markdown + plots from a CSV
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+# The CSV schema: one row per (op, provider, mode, shape, dtype, metric). Skipped providers get
+# metric "skipped" and the reason in "note". Environment columns repeat on every row.
+KEY_COLUMNS = ["op", "provider", "mode", "shape", "dtype"]
+VALUE_COLUMNS = ["metric", "unit", "p50", "p20", "p80", "note"]
+ENV_COLUMNS = ["device", "torch", "triton", "smart_kernels", "python", "git_commit", "timestamp"]
+COLUMNS = KEY_COLUMNS + VALUE_COLUMNS + ENV_COLUMNS
+
+
+def row(key: dict, metric: str, unit: str, p50: float, p20=None, p80=None) -> dict:
+    fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
+    return {**key, "metric": metric, "unit": unit, "p50": fmt(p50), "p20": fmt(p20),
+            "p80": fmt(p80), "note": ""}  # fmt: skip
+
+
+def skip_row(key: dict, reason: str) -> dict:
+    return {**key, "metric": "skipped", "unit": "", "p50": "", "p20": "", "p80": "",
+            "note": reason}  # fmt: skip
+
+
+def _times(rows: list[dict]) -> dict[tuple, float]:
+    return {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
+            if r["metric"] == "time"}  # fmt: skip
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """speedup_vs_compile and speedup_vs_eager rows (time ratios within this run)."""
+    times = _times(rows)
+    out = []
+    for (op, provider, mode, shape, dtype), ms in times.items():
+        for base in ("compile", "eager"):
+            ref = times.get((op, base, mode, shape, dtype))
+            if ref is not None:
+                key = dict(zip(KEY_COLUMNS, (op, provider, mode, shape, dtype), strict=True))
+                out.append(row(key, f"speedup_vs_{base}", "x", ref / ms))
+    return out
+
+
+def _pivot(rows: list[dict]) -> dict[tuple, dict[str, str]]:
+    table: dict[tuple, dict[str, str]] = defaultdict(dict)
+    for r in rows:
+        k = tuple(r[c] for c in KEY_COLUMNS)
+        table[k][r["metric"]] = r["note"] if r["metric"] == "skipped" else r["p50"]
+    return table
+
+
+def _num(s: str | None, digits: int) -> str:
+    return "" if not s else f"{float(s):.{digits}f}"
+
+
+def markdown(rows: list[dict], copy_bw: float) -> str:
+    env = rows[0] if rows else {}
+    lines = [
+        f"# smart_kernels benchmarks: {env.get('device', '')}",
+        "",
+        f"torch {env.get('torch', '')}, triton {env.get('triton', '') or '-'}, commit "
+        f"{env.get('git_commit', '') or '-'}, {env.get('timestamp', '')}; copy bandwidth "
+        f"{copy_bw:.0f} GB/s measured in the same run. Times are medians (ms); GB/s uses each "
+        "op's minimal byte count; x = speedup over torch.compile / eager in this run.",
+        "",
+        "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak MB | x compile "
+        "| x eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
+        if "skipped" in m:
+            lines.append(f"| {op} | {shape} | {dtype} | {mode} | {provider} | skipped: "
+                         f"{m['skipped']} | | | | | |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {op} | {shape} | {dtype} | {mode} | {provider} | {_num(m.get('time'), 4)} | "
+            f"{_num(m.get('bandwidth'), 0)} | {_num(m.get('pct_copy_bw'), 0)} | "
+            f"{_num(m.get('peak_extra_mem'), 1)} | {_num(m.get('speedup_vs_compile'), 2)} | "
+            f"{_num(m.get('speedup_vs_eager'), 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Ours vs torch.compile, per op / shape / dtype / mode: the short table printed last."""
+    lines = [f"{'op':8} {'shape':13} {'dtype':9} {'mode':5} {'provider':13} {'ms':>9} "
+             f"{'x compile':>9} {'%copy BW':>8}"]  # fmt: skip
+    for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
+        if not provider.startswith("ours") or "time" not in m:
+            continue
+        lines.append(
+            f"{op:8} {shape:13} {dtype:9} {mode:5} {provider:13} {float(m['time']):9.4f} "
+            f"{_num(m.get('speedup_vs_compile'), 2):>9} {_num(m.get('pct_copy_bw'), 0):>8}"
+        )
+    return "\n".join(lines)
+
+
+def make_plots(rows: list[dict], out_dir: str) -> list[str]:
+    """Per op / mode / dtype: time vs size per provider, and speedup over torch.compile."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["metric"] in ("time", "speedup_vs_compile"):
+            size = 1
+            for d in r["shape"].split("x"):
+                size *= int(d)
+            groups[(r["op"], r["mode"], r["dtype"], r["metric"])][r["provider"]].append(
+                (size, float(r["p50"]))
+            )
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for (op, mode, dtype, metric), by_provider in sorted(groups.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for provider, points in sorted(by_provider.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+        ax.set_xscale("log")
+        if metric == "time":
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (median)")
+        else:
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_ylabel("speedup over torch.compile")
+        ax.set_xlabel("elements (N x V)")
+        ax.set_title(f"{op} {mode} {dtype}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}_{mode}_{dtype}_{metric}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True) -> list[str]:
+    """results.csv, results.md and plots/*.png under out_dir; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = os.path.join(out_dir, "results.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(rows, copy_bw))
+    paths = [csv_path, md_path]
+    if plots:
+        paths += make_plots(rows, os.path.join(out_dir, "plots"))
+    return paths
+
+
+def _rerender(argv: list[str]) -> None:
+    """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine)."""
+    csv_path = argv[0]
+    out_dir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    copy = [r for r in rows if r["metric"] == "pct_copy_bw"]
+    bw = {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
+          if r["metric"] == "bandwidth"}  # fmt: skip
+    copy_bw = next((bw[k] * 100 / float(r["p50"]) for r in copy
+                    if float(r["p50"]) > 0 and (k := tuple(r[c] for c in KEY_COLUMNS)) in bw),
+                   0.0)  # fmt: skip
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(rows, copy_bw))
+    print(f"wrote results.md and {len(make_plots(rows, os.path.join(out_dir, 'plots')))} plots "
+          f"under {out_dir}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rerender(sys.argv[1:])
