@@ -53,7 +53,7 @@ def time_call(
 ) -> Timing:
     """Time ``fn`` after warm-up. CUDA: ``triton.testing.do_bench``, which also clears the L2 cache
     before every call (so large inputs are never served from L2). CPU:
-    ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means)."""
+    ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means, all intra-op threads)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -73,9 +73,11 @@ def time_call(
         fn()
 
     call()  # warm-up
-    m = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(
-        min_run_time=budget_ms / 1e3
+    # Timer defaults to one thread: measure with the threads a user's process has.
+    timer = benchmark.Timer(
+        stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads()
     )
+    m = timer.blocked_autorange(min_run_time=budget_ms / 1e3)
     times = [t * 1e3 for t in m.times]
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
 
