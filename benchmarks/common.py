@@ -50,11 +50,21 @@ def time_call(
     *,
     grad_to_none: Sequence[torch.Tensor] = (),
     budget_ms: float = 200.0,
+    launch_bound: bool = False,
 ) -> Timing:
     """Time ``fn`` after warm-up. CUDA: ``triton.testing.do_bench``, which also clears the L2 cache
-    before every call (so large inputs are never served from L2). CPU:
-    ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means, all intra-op threads)."""
-    if device.type == "cuda":
+    before every call (so large inputs are never served from L2). With ``launch_bound`` (tiny
+    inputs) the calls run back to back instead, in batches timed by CUDA events: do_bench's L2
+    clearing would hide the host's launch overhead, which is what such a call costs in training.
+    CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means, all intra-op
+    threads)."""
+
+    def call():
+        for t in grad_to_none:
+            t.grad = None
+        fn()
+
+    if device.type == "cuda" and not launch_bound:
         from triton.testing import do_bench
 
         p50, p20, p80 = do_bench(
@@ -65,12 +75,21 @@ def time_call(
             quantiles=[0.5, 0.2, 0.8],
         )
         return Timing(p50, p20, p80)
+    if device.type == "cuda":
+        for _ in range(10):
+            call()
+        sync(device)
+        means = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                call()
+            end.record()
+            end.synchronize()
+            means.append(start.elapsed_time(end) / 50)
+        return Timing(_quantile(means, 0.5), _quantile(means, 0.2), _quantile(means, 0.8))
     from torch.utils import benchmark
-
-    def call():
-        for t in grad_to_none:
-            t.grad = None
-        fn()
 
     call()  # warm-up
     # Timer defaults to one thread: measure with the threads a user's process has.
@@ -114,7 +133,7 @@ def _version(dist: str) -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
             timeout=10,
         )  # fmt: skip
         return out.stdout.strip()

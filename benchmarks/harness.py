@@ -4,9 +4,13 @@ markdown table and plots.
     python -m benchmarks [--op sym_kl,kl|all] [--mode fwd,bwd,full] [--quick|--smoke]
                          [--device cpu|cuda] [--out DIR]
 
-Every requested provider yields numbers or a row saying why it was skipped. Timing: median and
-p20/p80 (``benchmarks/common.py``); effective bandwidth from each op's minimal byte count, and
-its % of the copy bandwidth measured at the start of the same run; peak memory above the inputs.
+Every requested provider yields numbers, a row saying why it was skipped, or an "error" row (the
+exit status is non-zero when one of ours errors). Tiny (launch-bound) cases are timed back to
+back rather than with L2 flushes between calls. ``fwd`` is a training forward (inputs require
+grad); ``bwd`` repeats the backward of one retained graph; ``full`` is forward + backward.
+Timing: median and p20/p80 (``benchmarks/common.py``); effective bandwidth from each op's minimal
+byte count, and its % of the copy bandwidth measured at the start of the same run; peak memory
+above the inputs (MiB).
 """
 
 from __future__ import annotations
@@ -50,28 +54,34 @@ def measure(
            "dtype": case.dtype_name}  # fmt: skip
     if provider.skip is not None:
         return [report.skip_row(key, provider.skip)]
+    if provider.modes is not None and mode not in provider.modes:
+        return [report.skip_row(key, provider.why_not)]
+    launch_bound = op.min_bytes(case, "full") < (1 << 20)
     try:
         inputs = op.make_inputs(case, device)
         fn, grads = _mode_callable(provider, inputs, mode)
-        t = common.time_call(fn, device, grad_to_none=grads, budget_ms=budget_ms)
+        t = common.time_call(
+            fn, device, grad_to_none=grads, budget_ms=budget_ms, launch_bound=launch_bound
+        )
         for x in grads:
             x.grad = None
         peak = common.peak_extra_bytes(fn, device)
-    except Exception as exc:  # one failing provider must not hide the others
-        msg = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-        return [report.skip_row(key, msg)]
+    except Exception as exc:  # recorded as an error (metric "error"), the sweep goes on
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return [report.error_row(key, msg)]
     finally:
+        inputs = fn = grads = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     nbytes = op.min_bytes(case, mode)
-    gbps = [nbytes / (ms * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
+    gbps = [nbytes / (max(ms, 1e-9) * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
     rows = [
         report.row(key, "time", "ms", t.p50, t.p20, t.p80),
         report.row(key, "bandwidth", "GB/s", *gbps),
         report.row(key, "pct_copy_bw", "%", *(100 * g / copy_bw for g in gbps)),
     ]
     if peak is not None:
-        rows.append(report.row(key, "peak_extra_mem", "MB", peak / 2**20))
+        rows.append(report.row(key, "peak_extra_mem", "MiB", peak / 2**20))
     return rows
 
 
@@ -145,6 +155,11 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
     budget = args.budget_ms or (20.0 if args.smoke else 100.0 if args.quick else 200.0)
 
     only = None if args.provider is None else {p.strip() for p in args.provider.split(",")}
+    if only is not None:
+        available = {p.name for n in names for p in known[n].providers(torch.device(args.device))}
+        if only - available:
+            parser.error(f"--provider: unknown {sorted(only - available)}; "
+                         f"available: {sorted(available)}")  # fmt: skip
     rows, env, copy_bw = run(
         [known[n] for n in names], modes, size_name, device, budget, not args.no_progress, only
     )
@@ -155,6 +170,11 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
     print(report.summary_table(rows))
     n_plots = sum(p.endswith(".png") for p in paths)
     print(f"wrote {paths[0]}, {paths[1]} and {n_plots} plots under {out_dir}")
+    errors = [r for r in rows if r["metric"] == "error"]
+    for r in errors:
+        print(f"ERROR {r['op']} {r['provider']} {r['mode']} {r['shape']} {r['dtype']}: {r['note']}")
+    if any(r["provider"].startswith("ours") for r in errors):
+        sys.exit(1)  # our own kernels failing is a failure of the run, not a skip
 
 
 if __name__ == "__main__":

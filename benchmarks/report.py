@@ -11,7 +11,8 @@ import os
 from collections import defaultdict
 
 # The CSV schema: one row per (op, provider, mode, shape, dtype, metric). Skipped providers get
-# metric "skipped" and the reason in "note". Environment columns repeat on every row.
+# metric "skipped" and the reason in "note"; a provider that raised gets metric "error" and the
+# message. Environment columns repeat on every row.
 KEY_COLUMNS = ["op", "provider", "mode", "shape", "dtype"]
 VALUE_COLUMNS = ["metric", "unit", "p50", "p20", "p80", "note"]
 ENV_COLUMNS = ["device", "torch", "triton", "smart_kernels", "python", "git_commit", "timestamp"]
@@ -27,6 +28,10 @@ def row(key: dict, metric: str, unit: str, p50: float, p20=None, p80=None) -> di
 def skip_row(key: dict, reason: str) -> dict:
     return {**key, "metric": "skipped", "unit": "", "p50": "", "p20": "", "p80": "",
             "note": reason}  # fmt: skip
+
+
+def error_row(key: dict, message: str) -> dict:
+    return {**skip_row(key, message), "metric": "error"}
 
 
 def _times(rows: list[dict]) -> dict[tuple, float]:
@@ -51,7 +56,7 @@ def _pivot(rows: list[dict]) -> dict[tuple, dict[str, str]]:
     table: dict[tuple, dict[str, str]] = defaultdict(dict)
     for r in rows:
         k = tuple(r[c] for c in KEY_COLUMNS)
-        table[k][r["metric"]] = r["note"] if r["metric"] == "skipped" else r["p50"]
+        table[k][r["metric"]] = r["note"] if r["metric"] in ("skipped", "error") else r["p50"]
     return table
 
 
@@ -69,14 +74,16 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
         f"{copy_bw:.0f} GB/s measured in the same run. Times are medians (ms); GB/s uses each "
         "op's minimal byte count; x = speedup over torch.compile / eager in this run.",
         "",
-        "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak MB | x compile "
+        "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak MiB | x compile "
         "| x eager |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
-        if "skipped" in m:
-            lines.append(f"| {op} | {shape} | {dtype} | {mode} | {provider} | skipped: "
-                         f"{m['skipped']} | | | | | |")  # fmt: skip
+        for status in ("skipped", "error"):
+            if status in m:
+                lines.append(f"| {op} | {shape} | {dtype} | {mode} | {provider} | {status}: "
+                             f"{m[status]} | | | | | |")  # fmt: skip
+        if "skipped" in m or "error" in m:
             continue
         lines.append(
             f"| {op} | {shape} | {dtype} | {mode} | {provider} | {_num(m.get('time'), 4)} | "

@@ -38,11 +38,15 @@ class Case:
 
 @dataclass
 class Provider:
-    """A way to compute the op: ``fn(*inputs) -> loss tensor``, or ``skip`` saying why not."""
+    """A way to compute the op: ``fn(*inputs) -> loss tensor``, or ``skip`` saying why not.
+    ``modes``: the modes in which its timing is comparable (None: all); ``why_not``: the reason
+    given for the others."""
 
     name: str
     fn: Callable[..., torch.Tensor] | None = None
     skip: str | None = None
+    modes: tuple[str, ...] | None = None
+    why_not: str = ""
 
 
 @dataclass

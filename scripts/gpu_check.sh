@@ -20,6 +20,8 @@ status=0
 stage() { echo; echo "=== $* ($(date +%T))"; }
 
 stage "environment"
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "NO CUDA DEVICE VISIBLE to $PY: this script is for a GPU machine"; exit 1; }
 # Few files under $OUT: the device tool brings back only a handful.
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 $PY - <<'PYEOF' | tee -a "$OUT/env.txt"
@@ -62,16 +64,20 @@ timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
+grep -qE "[1-9][0-9]* passed" "$OUT/pytest_gpu.log" || { echo "NO GPU TEST RAN"; status=1; }
 
 stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): re-render them where the CSV lands with
 # `python -m benchmarks.report $OUT/bench/results.csv`.
-timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --no-plots --no-progress \
+timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
 stage "launch-bound overhead probe ([32, 3])"
-[ "${PROBE:-1}" = 0 ] || timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt"
+if [ "${PROBE:-1}" != 0 ]; then
+  timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
+    || { echo "OVERHEAD PROBE FAILED"; status=1; }
+fi
 
 stage "summary"
 sed -n 2p "$OUT/env.txt"

@@ -1,6 +1,6 @@
 """The benchmark harness runs end to end on tiny shapes (CPU): a CSV with the stable schema, a
-markdown table, and for every requested provider numbers or a stated skip reason. No speed is
-asserted."""
+markdown table, plots, and for every requested provider numbers or a stated skip reason; an
+error in our own kernels fails the run. No speed is asserted."""
 
 from __future__ import annotations
 
@@ -10,20 +10,27 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import report  # noqa: E402
-from benchmarks.bench_sym_kl import sym_kl_providers  # noqa: E402
+from benchmarks.bench_sym_kl import kl_providers, sym_kl_providers  # noqa: E402
+
+# The published schema (README): changing it is a breaking change for whoever reads the CSVs.
+SCHEMA = [
+    "op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80", "note",
+    "device", "torch", "triton", "smart_kernels", "python", "git_commit", "timestamp",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--op", "sym_kl",
-         "--mode", "fwd,full", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--op", "sym_kl,kl",
+         "--out", str(out), "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +43,7 @@ def test_csv_schema(smoke_run):
     out, rows, _ = smoke_run
     with open(out / "results.csv") as f:
         header = next(csv.reader(f))
-    assert header == report.COLUMNS
+    assert header == SCHEMA == report.COLUMNS
     assert rows and all(r["device"] and r["torch"] and r["timestamp"] for r in rows)
     assert (out / "results.md").read_text().startswith("# smart_kernels benchmarks")
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
@@ -44,29 +51,43 @@ def test_csv_schema(smoke_run):
 
 def test_every_provider_has_numbers_or_a_reason(smoke_run):
     _, rows, _ = smoke_run
-    import torch
-
-    expected = {p.name for p in sym_kl_providers(torch.device("cpu"))}
-    for provider in expected:
-        for mode in ("fwd", "full"):
-            mine = [r for r in rows if r["provider"] == provider and r["mode"] == mode]
-            assert mine, (provider, mode)
-            for r in mine:
-                if r["metric"] == "skipped":
-                    assert r["note"], (provider, mode)
-                else:
-                    assert float(r["p50"]) >= 0 and r["unit"], r
-    times = [r for r in rows if r["metric"] == "time" and r["provider"] == "ours-native"]
-    assert times and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times)
-    assert {r["metric"] for r in rows} >= {
-        "time",
-        "bandwidth",
-        "pct_copy_bw",
-        "speedup_vs_compile",
-        "speedup_vs_eager",
-    }
+    assert not [r for r in rows if r["metric"] == "error"]
+    for op, providers in (("sym_kl", sym_kl_providers), ("kl", kl_providers)):
+        for provider in {p.name for p in providers(torch.device("cpu"))}:
+            for mode in ("fwd", "bwd", "full"):
+                key = (op, provider, mode)
+                mine = [r for r in rows if (r["op"], r["provider"], r["mode"]) == key]
+                assert mine, key
+                for r in mine:
+                    if r["metric"] == "skipped":
+                        assert r["note"], key
+                    else:
+                        assert float(r["p50"]) > 0 and r["unit"], r
+    measured = {(r["op"], r["provider"]) for r in rows if r["metric"] == "time"}
+    assert {("sym_kl", "ours-native"), ("sym_kl", "eager"), ("kl", "compile")} <= measured
+    metrics = {r["metric"] for r in rows}
+    assert {"time", "bandwidth", "pct_copy_bw", "speedup_vs_compile", "speedup_vs_eager"} <= metrics
 
 
 def test_summary_printed(smoke_run):
     _, _, stdout = smoke_run
     assert "copy bandwidth" in stdout and "ours-native" in stdout
+
+
+def test_a_failing_provider_of_ours_fails_the_run(tmp_path):
+    """An error in our own kernels is an "error" row and a non-zero exit, never a skip."""
+    code = (
+        "import smart_kernels as sk\n"
+        "def boom(*a, **k): raise RuntimeError('CUDA error: illegal memory access')\n"
+        "sk.sym_kl = boom\n"
+        "from benchmarks.harness import main\n"
+        f"main(['--smoke', '--device', 'cpu', '--op', 'sym_kl', '--mode', 'fwd', '--provider', "
+        f"'ours-native', '--out', {str(tmp_path)!r}, '--no-plots', '--no-progress'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "ERROR sym_kl ours-native fwd" in proc.stdout
+    with open(tmp_path / "results.csv") as f:
+        assert any(r["metric"] == "error" for r in csv.DictReader(f))
