@@ -43,6 +43,38 @@ TORCH_LIBRARY(smart_kernels, m) {
       "Tensor stats, int mode, bool need_input, bool need_target) -> (Tensor, Tensor)");
   // Differentiable, on logits [..., V] with mask [...]: returns [...] for none, else 0-d.
   m.def("sym_kl(Tensor input, Tensor target, Tensor? mask, int mode, int reduction) -> Tensor");
+
+  // Adversarial perturbation on embeddings x: [..., T, H] (contiguous). Codes (perturb_math.h):
+  // norm 0 = inf, 1 = l2, 2 = l1; scope 0 = token (a group is one row of H, the last dim),
+  // 1 = sequence (a group is T*H, the last two dims); rule 0 = paper, 1 = normalize_sum.
+  // Arithmetic in fp32 (fp64 for fp64); outputs in the input dtype.
+  // normalize: y = x / (max|x| + eps) (inf), x / (||x||_2 + eps) (l2), sign(x) (l1), per group.
+  m.def("normalize(Tensor x, int norm, int scope, float eps) -> Tensor");
+  // The gradient of normalize given grad_y (same shape as x); zeros for l1.
+  m.def("normalize_bwd(Tensor grad_y, Tensor x, int norm, int scope, float eps) -> Tensor");
+  // One ascent step: the new noise (never differentiated). noise, grad: same shape and dtype;
+  // mask: bool [...,T] (= noise.shape[:-1]) or None, False = a token with zero noise that is
+  // left out of every group norm. radius: +inf = no projection.
+  m.def(
+      "perturb_step(Tensor noise, Tensor grad, Tensor? mask, float step_size, float radius, "
+      "int norm, int scope, int rule, float eps) -> Tensor");
+  // N(0, std^2) noise shaped like `like` (its dtype and device), zero where mask is False
+  // (mask: bool like.shape[:-1]). seed: 0-d int64 on like's device (read in-kernel: no sync);
+  // element i is output i % 4 of Philox4x32-10(key = seed, counter = i / 4) + Box-Muller
+  // (perturb_math.h), the same numbers on CPU and CUDA.
+  m.def("init_noise(Tensor like, Tensor? mask, Tensor seed, float std) -> Tensor");
+
+  // EMA teacher: teacher[i] <- decay * teacher[i] + (1 - decay) * student[i], in place, for
+  // every pair (same shape, same device, contiguous; a floating teacher may differ in dtype
+  // from its student, e.g. fp32 teacher / bf16 student; non-floating pairs are copied).
+  // decay: decay_tensor (0-d fp32/fp64 on the tensors' device, read in-kernel) if given, else
+  // `decay`. On CUDA: one launch per (teacher dtype, student dtype) combination.
+  m.def(
+      "ema_update_(Tensor(a!)[] teacher, Tensor[] student, Tensor? decay_tensor, float decay) "
+      "-> ()");
+  // Functional: decay * teacher + (1 - decay) * student (same shape; result in teacher's
+  // dtype). No autograd here: smart_kernels/ops/ema.py registers it.
+  m.def("ema(Tensor teacher, Tensor student, Tensor? decay_tensor, float decay) -> Tensor");
 }
 
 }  // namespace smart_kernels

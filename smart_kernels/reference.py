@@ -126,3 +126,117 @@ def kl(
     if mask is not None:
         rows = torch.where(mask, rows, 0.0)
     return reduce_rows(rows, mask, reduction, input.shape[-1])
+
+
+# ---- adversarial perturbation (DESIGN §3) -----------------------------------------------------
+
+NORMS = ("inf", "l2", "l1")
+SCOPES = ("token", "sequence")
+RULES = ("paper", "normalize_sum")
+
+
+def group_dims(scope: str) -> tuple[int, ...]:
+    """The dims one normalization group spans: token = the last (H), sequence = the last two."""
+    return (-1,) if scope == "token" else (-2, -1)
+
+
+def _normalize_acc(x: torch.Tensor, norm: str, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    if norm == "l1":
+        return torch.sign(x)
+    if norm == "inf":
+        return x / (x.abs().amax(dim=dims, keepdim=True) + eps)
+    return x / (torch.linalg.vector_norm(x, dim=dims, keepdim=True) + eps)
+
+
+def normalize(
+    x: torch.Tensor, *, norm: str = "inf", scope: str = "token", eps: float = 1e-6
+) -> torch.Tensor:
+    """Reference ``sk.normalize``: per group, ``x / (max|x| + eps)`` (inf), ``x / (||x||_2 +
+    eps)`` (l2) or ``sign(x)`` (l1, zero gradient); computed in the accumulation dtype, returned
+    in x's dtype. Differentiable by autograd (ties of the max split as ``amax`` splits them)."""
+    y = _normalize_acc(x.to(acc_dtype(x.dtype)), norm, group_dims(scope), eps)
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def perturb_step(
+    noise: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step_size: float = 1e-3,
+    radius: float | None = 1e-5,
+    norm: str = "inf",
+    scope: str = "token",
+    rule: str = "paper",
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference ``sk.perturb_step`` (the new noise, outside autograd).
+
+    ``paper``: ``Π(noise + step_size * normalize(grad))``, Π = clamp to [-radius, radius] (inf)
+    or rescale the group to norm <= radius (l2, l1); ``radius=None``: no Π.
+    ``normalize_sum``: ``normalize(noise + step_size * grad)``.
+    mask (bool, noise.shape[:-1]): a False token gets 0 and is left out of every group norm.
+    """
+    acc = acc_dtype(noise.dtype)
+    dims = group_dims(scope)
+    d, g = noise.to(acc), grad.to(acc)
+    keep = None if mask is None else mask.unsqueeze(-1)
+    if keep is not None:
+        d, g = d.masked_fill(~keep, 0.0), g.masked_fill(~keep, 0.0)
+    if rule == "paper":
+        s = d + step_size * _normalize_acc(g, norm, dims, eps)
+        if radius is not None:
+            if norm == "inf":
+                s = s.clamp(-radius, radius)
+            else:
+                order = 2 if norm == "l2" else 1
+                n = torch.linalg.vector_norm(s, ord=order, dim=dims, keepdim=True)
+                s = s * torch.where(n > radius, radius / n, torch.ones_like(n))
+    else:
+        s = _normalize_acc(d + step_size * g, norm, dims, eps)
+    if keep is not None:
+        s = s.masked_fill(~keep, 0.0)
+    return s.to(noise.dtype)
+
+
+def init_noise(
+    like: torch.Tensor,
+    std: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reference ``sk.init_noise``: ``N(0, std^2)`` shaped like ``like`` (its dtype and device),
+    zero where ``mask`` (bool, like.shape[:-1]) is False; drawn with ``torch.randn``."""
+    acc = acc_dtype(like.dtype)
+    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=acc) * std
+    if mask is not None:
+        noise = noise.masked_fill(~mask.unsqueeze(-1), 0.0)
+    return noise.to(like.dtype)
+
+
+# ---- EMA teacher (DESIGN §3) ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ema_update_(
+    teacher: list[torch.Tensor], student: list[torch.Tensor], decay: float | torch.Tensor
+) -> None:
+    """Reference ``sk.ema_update_``: ``t <- decay * t + (1 - decay) * s`` pair by pair, in place,
+    computed in the teacher's accumulation dtype; non-floating pairs are copied."""
+    for t, s in zip(teacher, student, strict=True):
+        if not t.is_floating_point():
+            t.copy_(s)
+            continue
+        acc = acc_dtype(t.dtype)
+        w = decay.to(acc) if isinstance(decay, torch.Tensor) else decay
+        t.copy_(t.to(acc) * w + s.to(acc) * (1 - w))
+
+
+def ema(teacher: torch.Tensor, student: torch.Tensor, decay: float | torch.Tensor) -> torch.Tensor:
+    """Reference ``sk.ema``: ``decay * teacher + (1 - decay) * student`` in teacher's dtype;
+    differentiable (d/d teacher = decay * g, d/d student = (1 - decay) * g)."""
+    acc = acc_dtype(teacher.dtype)
+    w = decay.to(acc) if isinstance(decay, torch.Tensor) else decay
+    return (teacher.to(acc) * w + student.to(acc) * (1 - w)).to(teacher.dtype)
