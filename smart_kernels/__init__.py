@@ -4,11 +4,16 @@ Public API (see README.md and DESIGN §2)::
 
     sk.sym_kl(input, target, *, reduction="batchmean", grad="full", mask=None, backend=None)
     sk.kl(input, target, *, reduction="batchmean", mask=None, backend=None)
+    sk.init_noise(like, std=1e-5, *, mask=None, generator=None, backend=None)
+    sk.normalize(x, *, norm="inf", scope="token", eps=1e-6, backend=None)
+    sk.perturb_step(noise, grad, *, step_size=1e-3, radius=1e-5, norm="inf", scope="token",
+                    rule="paper", eps=1e-6, mask=None, backend=None)
     sk.backends()
 """
 
 from smart_kernels._backends import backends
+from smart_kernels.ops.perturb import init_noise, normalize, perturb_step
 from smart_kernels.ops.sym_kl import kl, sym_kl
 
-__all__ = ["backends", "kl", "sym_kl"]
+__all__ = ["backends", "init_noise", "kl", "normalize", "perturb_step", "sym_kl"]
 __version__ = "0.1.0"

@@ -141,8 +141,8 @@ def group_dims(scope: str) -> tuple[int, ...]:
 
 
 def _normalize_acc(x: torch.Tensor, norm: str, dims: tuple[int, ...], eps: float) -> torch.Tensor:
-    if norm == "l1":
-        return torch.sign(x)
+    if norm == "l1":  # sign, NaN kept (torch.sign maps NaN to 0); zero gradient
+        return torch.where(torch.isnan(x), x.detach(), torch.sign(x))
     if norm == "inf":
         return x / (x.abs().amax(dim=dims, keepdim=True) + eps)
     return x / (torch.linalg.vector_norm(x, dim=dims, keepdim=True) + eps)

@@ -149,3 +149,121 @@ def test_raw_op_rejects_bad_layout():
     f8 = logits(3, 5).to(torch.float8_e5m2)
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
         torch.ops.smart_kernels.sym_kl_fwd(f8, f8, None, 0, 2)
+
+
+# ---- perturbation ops -------------------------------------------------------------------------
+
+
+def emb(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+PERTURB_CASES = [
+    # (description, call, exception, argument named in the message)
+    ("normalize: unknown norm", lambda: sk.normalize(emb(2, 3), norm="l3"), ValueError, "norm"),
+    (
+        "normalize: unknown scope",
+        lambda: sk.normalize(emb(2, 3), scope="batch"),
+        ValueError,
+        "scope",
+    ),
+    ("normalize: sequence on 1-D", lambda: sk.normalize(emb(5), scope="sequence"), ValueError, "x"),
+    ("normalize: 0-d", lambda: sk.normalize(torch.tensor(1.0)), ValueError, "x"),
+    (
+        "normalize: integer",
+        lambda: sk.normalize(torch.ones(2, 3, dtype=torch.long)),
+        TypeError,
+        "x",
+    ),
+    ("normalize: negative eps", lambda: sk.normalize(emb(2, 3), eps=-1.0), ValueError, "eps"),
+    ("normalize: not a tensor", lambda: sk.normalize([1.0, 2.0]), TypeError, "x"),
+    (
+        "step: shape mismatch",
+        lambda: sk.perturb_step(emb(2, 3, 4), emb(2, 3, 5)),
+        ValueError,
+        "grad",
+    ),
+    (
+        "step: dtype mismatch",
+        lambda: sk.perturb_step(emb(2, 3, 4), emb(2, 3, 4, dtype=torch.float64)),
+        TypeError,
+        "grad",
+    ),
+    (
+        "step: unknown rule",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), rule="x"),
+        ValueError,
+        "rule",
+    ),
+    (
+        "step: unknown norm",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), norm=2),
+        ValueError,
+        "norm",
+    ),
+    (
+        "step: negative step_size",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), step_size=-1e-3),
+        ValueError,
+        "step_size",
+    ),
+    (
+        "step: negative radius",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), radius=-1.0),
+        ValueError,
+        "radius",
+    ),
+    (
+        "step: nan step_size",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), step_size=float("nan")),
+        ValueError,
+        "step_size",
+    ),
+    (
+        "step: radius as string",
+        lambda: sk.perturb_step(emb(2, 4), emb(2, 4), radius="1e-5"),
+        TypeError,
+        "radius",
+    ),
+    (
+        "step: mask shape",
+        lambda: sk.perturb_step(
+            emb(2, 3, 4), emb(2, 3, 4), mask=torch.ones(2, 4, dtype=torch.bool)
+        ),
+        ValueError,
+        "mask",
+    ),
+    (
+        "step: mask dtype",
+        lambda: sk.perturb_step(emb(2, 3, 4), emb(2, 3, 4), mask=torch.ones(2, 3)),
+        TypeError,
+        "mask",
+    ),
+    ("noise: negative std", lambda: sk.init_noise(emb(2, 4), -1.0), ValueError, "std"),
+    (
+        "noise: integer like",
+        lambda: sk.init_noise(torch.ones(2, 4, dtype=torch.int32)),
+        TypeError,
+        "like",
+    ),
+    (
+        "noise: mask shape",
+        lambda: sk.init_noise(emb(2, 4), mask=torch.ones(4, dtype=torch.bool)),
+        ValueError,
+        "mask",
+    ),
+    (
+        "noise: generator type",
+        lambda: sk.init_noise(emb(2, 4), generator=1234),
+        TypeError,
+        "generator",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("desc,call,exc,arg", PERTURB_CASES, ids=[c[0] for c in PERTURB_CASES])
+def test_perturb_bad_input(backend, desc, call, exc, arg, monkeypatch):
+    monkeypatch.setenv("SMART_KERNELS_BACKEND", backend)
+    with pytest.raises(exc, match=arg):
+        call()
