@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import report  # noqa: E402
-from benchmarks.bench_sym_kl import kl_providers, sym_kl_providers  # noqa: E402
+from benchmarks.bench_perturb import PERTURB_SEQUENCE, PERTURB_TOKEN  # noqa: E402
+from benchmarks.bench_sym_kl import KL, SYM_KL  # noqa: E402
 
 # The published schema (README): changing it is a breaking change for whoever reads the CSVs.
 SCHEMA = [
@@ -29,8 +30,8 @@ SCHEMA = [
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--op", "sym_kl,kl",
-         "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--op",
+         "sym_kl,kl,perturb_step,perturb_step_seq", "--out", str(out), "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,10 +53,10 @@ def test_csv_schema(smoke_run):
 def test_every_provider_has_numbers_or_a_reason(smoke_run):
     _, rows, _ = smoke_run
     assert not [r for r in rows if r["metric"] == "error"]
-    for op, providers in (("sym_kl", sym_kl_providers), ("kl", kl_providers)):
-        for provider in {p.name for p in providers(torch.device("cpu"))}:
-            for mode in ("fwd", "bwd", "full"):
-                key = (op, provider, mode)
+    for op in (SYM_KL, KL, PERTURB_TOKEN, PERTURB_SEQUENCE):
+        for provider in {p.name for p in op.providers(torch.device("cpu"))}:
+            for mode in op.modes:
+                key = (op.name, provider, mode)
                 mine = [r for r in rows if (r["op"], r["provider"], r["mode"]) == key]
                 assert mine, key
                 for r in mine:
