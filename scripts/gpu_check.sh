@@ -10,7 +10,8 @@
 # 4. prints a short table last.
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
-# Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT.
+# Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT; BENCH_OPS
+# (default all) picks the harness's ops, GPU_TESTS (default tests) the pytest paths.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -59,7 +60,7 @@ $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.bac
   | tee -a "$OUT/env.txt"
 
 stage "pytest -m gpu"
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider tests \
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} \
   >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
@@ -70,6 +71,7 @@ stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): re-render them where the CSV lands with
 # `python -m benchmarks.report $OUT/bench/results.csv`.
 timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
+  --op "${BENCH_OPS:-all}" \
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
