@@ -1034,7 +1034,7 @@ at::Tensor perturb_step_cuda(const at::Tensor& noise, const at::Tensor& grad,
 }
 
 at::Tensor init_noise_cuda(const at::Tensor& like, const c10::optional<at::Tensor>& mask,
-                           const at::Tensor& seed, double std) {
+                           const at::Tensor& seed, double stdv) {
   check_float(like, "like");
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
               "smart_kernels: seed must be a 0-d int64 tensor");
@@ -1056,7 +1056,7 @@ at::Tensor init_noise_cuda(const at::Tensor& like, const c10::optional<at::Tenso
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool vec4 = reinterpret_cast<std::uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0;
     init_noise_kernel<scalar_t>
-        <<<grid, kNoiseThreads, 0, stream>>>(op, mp, sp, numel, H, std, vec4);
+        <<<grid, kNoiseThreads, 0, stream>>>(op, mp, sp, numel, H, stdv, vec4);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
