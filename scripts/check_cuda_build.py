@@ -15,7 +15,9 @@ lib_dir = sys.argv[1]
 (so,) = glob.glob(os.path.join(lib_dir, "smart_kernels", "_C*.so"))
 torch.ops.load_library(so)
 assert torch.ops.smart_kernels.has_cuda(), "built without CUDA"
-ops = ["sym_kl_fwd", "sym_kl_bwd"]
+# Every raw op with device kernels (csrc/smart_kernels.cpp) must have a CUDA impl registered.
+ops = ["sym_kl_fwd", "sym_kl_bwd", "normalize", "normalize_bwd", "perturb_step", "init_noise"]
+ops += ["ema_update_", "ema"]
 missing = [
     op
     for op in ops

@@ -224,19 +224,18 @@ def ema_update_(
     teacher: list[torch.Tensor], student: list[torch.Tensor], decay: float | torch.Tensor
 ) -> None:
     """Reference ``sk.ema_update_``: ``t <- decay * t + (1 - decay) * s`` pair by pair, in place,
-    computed in the teacher's accumulation dtype; non-floating pairs are copied."""
+    computed as ``lerp(t, s, 1 - decay)`` (ATen's fused form, exact at decay 0 and 1) in the
+    teacher's accumulation dtype; non-floating pairs are copied."""
     for t, s in zip(teacher, student, strict=True):
         if not t.is_floating_point():
             t.copy_(s)
             continue
-        acc = acc_dtype(t.dtype)
-        w = decay.to(acc) if isinstance(decay, torch.Tensor) else decay
-        t.copy_(t.to(acc) * w + s.to(acc) * (1 - w))
+        t.copy_(ema(t, s, decay))
 
 
 def ema(teacher: torch.Tensor, student: torch.Tensor, decay: float | torch.Tensor) -> torch.Tensor:
     """Reference ``sk.ema``: ``decay * teacher + (1 - decay) * student`` in teacher's dtype;
     differentiable (d/d teacher = decay * g, d/d student = (1 - decay) * g)."""
     acc = acc_dtype(teacher.dtype)
-    w = decay.to(acc) if isinstance(decay, torch.Tensor) else decay
-    return (teacher.to(acc) * w + student.to(acc) * (1 - w)).to(teacher.dtype)
+    weight = 1 - (decay.to(acc) if isinstance(decay, torch.Tensor) else decay)
+    return torch.lerp(teacher.to(acc), student.to(acc), weight).to(teacher.dtype)
