@@ -19,6 +19,7 @@ ENV_VAR = "SMART_KERNELS_BACKEND"
 # The GPU backend each op uses under auto selection, by measurement (benchmarks/results/).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sym_kl": ("native", "triton"),
+    "ema": ("native", "triton"),
 }
 
 try:
