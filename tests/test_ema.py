@@ -174,6 +174,21 @@ def test_non_contiguous_pairs_handled(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_misaligned_views(backend):
+    """Views into flat buffers at odd element offsets (not 16-byte aligned): contiguous, so on
+    the fused path (the kernels' unaligned group)."""
+    flat_t, flat_s = rand(5000), rand(5000, dtype=torch.bfloat16)
+    teacher = [flat_t[1:4098], flat_t[4099:4110].view(11), flat_t[4112:4128]]
+    student = [flat_s[3:4100], flat_s[4100:4111].view(11), flat_s[4112:4128]]
+    gaps = flat_t[[0, 4098, 4110, 4111, 4128]].clone()
+    ref = expected(teacher, student, 0.875)
+    sk.ema_update_(teacher, student, 0.875, backend=backend)
+    for t, r in zip(teacher, ref, strict=True):
+        assert max_err(t, r) <= 4 * EPS[torch.float32]
+    assert torch.equal(flat_t[[0, 4098, 4110, 4111, 4128]], gaps)  # neighbours untouched
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("decay_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tensor_decay(backend, decay_dtype):
     decay = torch.tensor(0.93, dtype=decay_dtype)
@@ -309,6 +324,34 @@ def test_ema_non_contiguous_empty_and_decay_tensor_without_grad(backend):
     assert max_err(out, reference.ema(t.double(), s.double(), 0.25)) <= 4 * EPS[torch.float32]
     assert not out.requires_grad  # no gradient to the decay
     assert sk.ema(rand(0, 3), rand(0, 3), 0.5, backend=backend).shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_traced_by_torch_compile_fullgraph(backend):
+    """Dynamo traces both ops without a graph break (aot_eager: no compiler needed here)."""
+    torch._dynamo.reset()
+    d = torch.tensor(0.3)
+    teacher, student = pairs([(5, 3), (4,)], torch.float32, torch.bfloat16)
+    teacher += [rand(4, 3).t(), torch.arange(3)]
+    student += [rand(3, 4), torch.arange(3) + 1]
+    ref = expected(teacher, student, d)
+    update = torch.compile(
+        lambda T, S, w: sk.ema_update_(T, S, w, backend=backend),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    update(teacher, student, d)
+    for t, r in zip(teacher, ref, strict=True):
+        assert max_err(t, r) <= 4 * EPS[torch.float32]
+    fn = torch.compile(
+        lambda a, b, w: sk.ema(a, b, w, backend=backend) * 2, backend="aot_eager", fullgraph=True
+    )
+    t, s = rand(4, 5).requires_grad_(), rand(4, 5).requires_grad_()
+    out = fn(t, s, d)
+    out.sum().backward()
+    assert max_err(out, 2 * reference.ema(t.detach(), s.detach(), 0.3)) <= 4 * EPS[torch.float32]
+    assert max_err(t.grad, torch.full_like(t, 0.6)) <= 2 * EPS[torch.float32]
+    assert max_err(s.grad, torch.full_like(s, 1.4)) <= 2 * EPS[torch.float32]
 
 
 def _triton_usable() -> bool:

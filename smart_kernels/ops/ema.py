@@ -243,7 +243,6 @@ class _Prepared:
         decay_tensor: torch.Tensor | None,
         decay: float,
         backend: str,
-        compiling: bool,
     ) -> None:
         if self.slow:
             fast_t = [teacher[i] for i in self.fast]
@@ -254,14 +253,39 @@ class _Prepared:
         if fast_t:
             if backend == "native":
                 torch.ops.smart_kernels.ema_update_(fast_t, fast_s, decay_tensor, decay)
-            elif backend == "triton" and compiling:
-                torch.ops.smart_kernels.ema_update_triton(fast_t, fast_s, decay_tensor, decay)
             elif backend == "triton":
                 self.triton_table(fast_t, fast_s).launch(decay_tensor, decay)
             else:
                 reference.ema_update_(fast_t, fast_s, value)
         for i in self.slow:  # non-contiguous pairs: PyTorch, pair by pair
             reference.ema_update_([teacher[i]], [student[i]], value)
+
+
+def _update_traced(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    decay_tensor: torch.Tensor | None,
+    decay: float,
+    backend: str,
+) -> None:
+    """The update while torch.compile traces: no cache; Triton through its custom op."""
+    fast_t, fast_s, slow = [], [], []
+    for t, s in zip(teacher, student, strict=True):
+        if t.is_contiguous() and s.is_contiguous():
+            fast_t.append(t)
+            fast_s.append(s)
+        else:
+            slow.append((t, s))
+    value = decay_tensor if decay_tensor is not None else decay
+    if fast_t:
+        if backend == "native":
+            torch.ops.smart_kernels.ema_update_(fast_t, fast_s, decay_tensor, decay)
+        elif backend == "triton":
+            torch.ops.smart_kernels.ema_update_triton(fast_t, fast_s, decay_tensor, decay)
+        else:
+            reference.ema_update_(fast_t, fast_s, value)
+    for t, s in slow:
+        reference.ema_update_([t], [s], value)
 
 
 def _key(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> tuple:
@@ -349,16 +373,16 @@ class EmaPlan:
         decay_tensor, value = _check_decay(decay, self._prepared.device)
         if self.backend is None:
             return
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            pointers = self._data_pointers()
-            if pointers != self._pointers:
-                self._prepared = _Prepared(self.teacher, self.student)
-                self._pointers = pointers
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                _update_traced(self.teacher, self.student, decay_tensor, value, self.backend)
+            return
+        pointers = self._data_pointers()
+        if pointers != self._pointers:
+            self._prepared = _Prepared(self.teacher, self.student)
+            self._pointers = pointers
         with torch.no_grad():
-            self._prepared.run(
-                self.teacher, self.student, decay_tensor, value, self.backend, compiling
-            )
+            self._prepared.run(self.teacher, self.student, decay_tensor, value, self.backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,14 +418,22 @@ def ema_update_(
     """
     teacher = _as_list("teacher", teacher)
     student = _as_list("student", student)
-    compiling = torch.compiler.is_compiling()
-    prepared = _Prepared(teacher, student) if compiling else _PLANS.get(teacher, student)
-    decay_tensor, value = _check_decay(decay, prepared.device)
-    if prepared.device is None:
+    if torch.compiler.is_compiling():
+        _check_lists(teacher, student)
+        device = teacher[0].device if len(teacher) else None
+        prepared = None
+    else:
+        prepared = _PLANS.get(teacher, student)
+        device = prepared.device
+    decay_tensor, value = _check_decay(decay, device)
+    if device is None:
         return
-    name = _backends.choose("ema", backend, prepared.device)
+    name = _backends.choose("ema", backend, device)
     with torch.no_grad():
-        prepared.run(teacher, student, decay_tensor, value, name, compiling)
+        if prepared is None:
+            _update_traced(teacher, student, decay_tensor, value, name)
+        else:
+            prepared.run(teacher, student, decay_tensor, value, name)
 
 
 def ema(
