@@ -1,6 +1,8 @@
 """EMA teacher update, Triton kernels: a multi-tensor in-place update and an elementwise op.
 
-Math (per element, accumulated in ACC = fp64 for fp64 teachers, else fp32; w = decay cast to ACC):
+Math (per element, accumulated in ACC = fp64 for fp64 teachers, else fp32; w = decay and
+1 - w as the reference rounds them: a float decay's ``1 - decay`` is computed in fp64 on the
+host, as PyTorch does for a Python scalar; a tensor decay's in ACC):
     ema_update_:  t <- w * t + (1 - w) * s       in place, stored in the teacher's dtype
     ema:          out = w * t + (1 - w) * s      a new tensor in the teacher's dtype
 Gradient of ``ema`` (applied in smart_kernels/ops/ema.py, no kernel needed):
@@ -61,6 +63,7 @@ def ema_update_multi_kernel(
     table_ptr,
     decay_ptr,
     decay,
+    decay_s,
     T_TYPE: tl.constexpr,
     S_TYPE: tl.constexpr,
     ACC: tl.constexpr,
@@ -83,9 +86,10 @@ def ema_update_multi_kernel(
         s_ptr = tl.multiple_of(s_ptr, 16)
     if HAS_DECAY_TENSOR:
         w = tl.load(decay_ptr).to(ACC)
-    else:
-        w = tl.zeros([], ACC) + decay  # (a fp32 kernel argument; fp64 goes in a tensor)
-    w_s = 1.0 - w
+        w_s = 1.0 - w
+    else:  # fp32 kernel arguments (fp64 accumulation gets a tensor); 1 - decay from the host
+        w = tl.zeros([], ACC) + decay
+        w_s = tl.zeros([], ACC) + decay_s
     offs = tl.arange(0, BLOCK)
     for i in range(0, n // BLOCK):  # full blocks: unmasked (vectorized when ALIGNED)
         o = i * BLOCK + offs
@@ -112,6 +116,7 @@ def ema_kernel(
     out_ptr,
     decay_ptr,
     decay,
+    decay_s,
     n,
     ACC: tl.constexpr,
     HAS_DECAY_TENSOR: tl.constexpr,
@@ -123,11 +128,13 @@ def ema_kernel(
     valid = o < n
     if HAS_DECAY_TENSOR:
         w = tl.load(decay_ptr).to(ACC)
+        w_s = 1.0 - w
     else:
-        w = tl.zeros([], ACC) + decay  # (a fp32 kernel argument; fp64 goes in a tensor)
+        w = tl.zeros([], ACC) + decay
+        w_s = tl.zeros([], ACC) + decay_s
     t = tl.load(t_ptr + o, mask=valid).to(ACC)
     s = tl.load(s_ptr + o, mask=valid).to(ACC)
-    out = _to_type(w * t + (1.0 - w) * s, out_ptr.dtype.element_ty, RNE_BF16)
+    out = _to_type(w * t + w_s * s, out_ptr.dtype.element_ty, RNE_BF16)
     tl.store(out_ptr + o, out, mask=valid)
 
 
@@ -218,7 +225,7 @@ class EmaTable:
             for view, chunks, aligned, t_type, s_type, acc_tl, copy, rne, acc in self.launches:
                 dt, d = _decay_args(decay_tensor, decay, acc, self.device)
                 ema_update_multi_kernel[(chunks,)](
-                    view, dt if dt is not None else view, d,
+                    view, dt if dt is not None else view, d, 1.0 - d,
                     T_TYPE=t_type, S_TYPE=s_type, ACC=acc_tl, HAS_DECAY_TENSOR=dt is not None,
                     COPY=copy, ALIGNED=aligned, RNE_BF16=rne, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 )  # fmt: skip
@@ -258,7 +265,7 @@ def ema(
     dt, d = _decay_args(decay_tensor, decay, acc, t.device)
     with _on_device(t):
         ema_kernel[(triton.cdiv(n, BLOCK),)](
-            t, s, out, dt if dt is not None else out, d, n,
+            t, s, out, dt if dt is not None else out, d, 1.0 - d, n,
             ACC=_TL_ACC[acc], HAS_DECAY_TENSOR=dt is not None, RNE_BF16=_rne_bf16(t.dtype),
             BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
