@@ -119,8 +119,8 @@ class MomentumTeacher(nn.Module):
     chunk table are prepared once and reused while the student's module tree keeps its
     submodules, parameters and buffers (checked each update by identity, at C speed: well under a
     microsecond per module) and their storage (checked by data pointer); otherwise they are
-    collected again. (Measured on an H100 host with BERT-base: ~60 us of Python per update
-    besides that check; a captured update replays in ~3 us.)
+    collected again. (On an H100 host with BERT-base the prepared update's own Python and launch
+    cost ~60 us per call; a captured update replays in ~3 us.)
     After moving the teacher (``teacher.to(...)``) the next update re-prepares.
 
     CUDA graphs: ``update`` is capturable once it has run outside the capture (warm-up). While
