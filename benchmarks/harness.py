@@ -29,9 +29,9 @@ from benchmarks.spec import MODES, Case, OpBench, Provider  # noqa: E402
 
 
 def all_ops() -> dict[str, OpBench]:
-    from benchmarks import bench_perturb, bench_sym_kl
+    from benchmarks import bench_ema, bench_perturb, bench_sym_kl
 
-    return {op.name: op for op in bench_sym_kl.OPS + bench_perturb.OPS}
+    return {op.name: op for op in (*bench_sym_kl.OPS, *bench_perturb.OPS, *bench_ema.OPS)}
 
 
 def _mode_callable(provider: Provider, inputs: list[torch.Tensor], mode: str):

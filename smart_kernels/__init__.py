@@ -8,12 +8,27 @@ Public API (see README.md and DESIGN §2)::
     sk.normalize(x, *, norm="inf", scope="token", eps=1e-6, backend=None)
     sk.perturb_step(noise, grad, *, step_size=1e-3, radius=1e-5, norm="inf", scope="token",
                     rule="paper", eps=1e-6, mask=None, backend=None)
+    sk.ema_update_(teacher, student, decay, *, backend=None)
+    sk.ema(teacher, student, decay, *, backend=None)
+    sk.MomentumTeacher(model, decay=0.99, *, schedule=None, total_steps=None, dtype=None)
     sk.backends()
 """
 
 from smart_kernels._backends import backends
+from smart_kernels.ops.ema import ema, ema_update_
 from smart_kernels.ops.perturb import init_noise, normalize, perturb_step
 from smart_kernels.ops.sym_kl import kl, sym_kl
+from smart_kernels.teacher import MomentumTeacher
 
-__all__ = ["backends", "init_noise", "kl", "normalize", "perturb_step", "sym_kl"]
+__all__ = [
+    "MomentumTeacher",
+    "backends",
+    "ema",
+    "ema_update_",
+    "init_noise",
+    "kl",
+    "normalize",
+    "perturb_step",
+    "sym_kl",
+]
 __version__ = "0.1.0"

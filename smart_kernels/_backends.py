@@ -20,6 +20,7 @@ ENV_VAR = "SMART_KERNELS_BACKEND"
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sym_kl": ("native", "triton"),
     "perturb": ("native", "triton"),  # normalize, perturb_step, init_noise
+    "ema": ("native", "triton"),
 }
 
 try:
