@@ -129,7 +129,7 @@ def test_more_than_2_31_elements(backend):
 def test_ema_values_and_gradients(backend, t_dtype, s_dtype):
     t = torch.randn(33, 1025, device="cuda", dtype=t_dtype, requires_grad=True)
     s = torch.randn(33, 1025, device="cuda", dtype=s_dtype, requires_grad=True)
-    d = torch.tensor(0.8, device="cuda")
+    d = torch.tensor(0.8, device="cuda", dtype=torch.float64)  # 0.8 exactly as in the reference
     out = sk.ema(t, s, d, backend=backend)
     ref = reference.ema(t.detach().double(), s.detach().double(), 0.8)
     eps = torch.finfo(t_dtype).eps

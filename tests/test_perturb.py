@@ -24,12 +24,15 @@ def close(x: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     return max_err(x, ref) <= rtol * ref.double().abs().max().item() + 1e-300
 
 
-def within_ulp(x: torch.Tensor, ref64: torch.Tensor, ulps: float = 1.0) -> bool:
-    """Each element within `ulps` ulp (of x's dtype, at the reference's magnitude) of ref64."""
-    eps = torch.finfo(x.dtype).eps
-    tiny = torch.finfo(x.dtype).tiny
+def within_eager(x: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> bool:
+    """DESIGN §6 for bf16/fp16, element by element: |x - ref| <= 2 |eager - ref| + 1 ulp,
+    where eager is PyTorch's own computation on the same low-precision inputs (the reference:
+    fp32 arithmetic, one rounding at the end). Where noise + step * u nearly cancels, both
+    carry the fp32 rounding of the terms, many ulp of the tiny result."""
     err = (x.double() - ref64).abs()
-    return bool((err <= ulps * eps * ref64.abs() + tiny).all())
+    eager_err = (eager.double() - ref64).abs()
+    eps, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
+    return bool((err <= 2 * eager_err + eps * ref64.abs() + tiny).all())
 
 
 def embeddings(*shape, dtype=torch.float32, scale=1.0):
@@ -111,7 +114,7 @@ def test_normalize_low_precision(backend, dtype, norm):
     y = sk.normalize(x, norm=norm, scope="sequence", backend=backend)
     ref = reference.normalize(x.double(), norm=norm, scope="sequence")
     assert y.dtype == dtype
-    assert within_ulp(y, ref)
+    assert within_eager(y, reference.normalize(x, norm=norm, scope="sequence"), ref)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +186,9 @@ def test_perturb_step_large_sequence_group(backend, norm, rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_perturb_step_low_precision(backend, dtype, norm, rule):
     kw = dict(norm=norm, rule=rule, radius=6e-4)
-    out, ref, _, _ = step_both((4, 3, 65), backend, dtype=dtype, **kw)
+    out, ref, noise, grad = step_both((4, 3, 65), backend, dtype=dtype, **kw)
     assert out.dtype == dtype
-    assert within_ulp(out, ref)
+    assert within_eager(out, reference.perturb_step(noise, grad, **kw), ref)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -7,8 +7,10 @@ host, as PyTorch does for a Python scalar; a tensor decay's in ACC):
     ema:          out = w * t + (1 - w) * s      a new tensor in the teacher's dtype
 Gradient of ``ema`` (applied in smart_kernels/ops/ema.py, no kernel needed):
     d out / d t = w * g,   d out / d s = (1 - w) * g,   none for the decay.
-``w * t + (1 - w) * s`` (rather than ``t + (1 - w) * (s - t)``) makes decay 1 keep t and decay 0
-give s exactly. Non-floating pairs (integer / bool buffers) are copied byte for byte.
+Evaluated as ATen's ``lerp(t, s, 1 - w)`` (and as the native kernels and the reference do): with
+u = 1 - w, ``fma(u, s - t, t)`` if |u| < 0.5 else ``fma(u - 1, s - t, s)``, which is exact at
+decay 1 (t) and decay 0 (s) and matches ``t.lerp_(s, 1 - decay)`` where the sum cancels.
+Non-floating pairs (integer / bool buffers) are copied byte for byte.
 
 Multi-tensor layout: the lists are cut into chunks of at most CHUNK elements; an int64 table in
 device memory holds one row per chunk, (teacher address, student address, elements), and one
@@ -59,6 +61,13 @@ def _to_type(x, T_TYPE: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _lerp(t, s, u):
+    """ATen's lerp(t, s, u) in t's dtype: fused, exact at u = 0 and u = 1."""
+    diff = s - t
+    return tl.where(tl.abs(u) < 0.5, tl.fma(u, diff, t), tl.fma(u - 1.0, diff, s))
+
+
+@triton.jit
 def ema_update_multi_kernel(
     table_ptr,
     decay_ptr,
@@ -73,7 +82,7 @@ def ema_update_multi_kernel(
     RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One chunk per program: t[i] <- w * t[i] + (1 - w) * s[i] for i < n (COPY: t[i] <- s[i],
+    # One chunk per program: t[i] <- lerp(t[i], s[i], 1 - w) for i < n (COPY: t[i] <- s[i],
     # T_TYPE = S_TYPE = int8 and n counts bytes). Table row: (t address, s address, n).
     row = table_ptr + tl.program_id(0).to(tl.int64) * 3
     t_addr = tl.load(row)
@@ -98,7 +107,7 @@ def ema_update_multi_kernel(
             tl.store(t_ptr + o, s)
         else:
             t = tl.load(t_ptr + o).to(ACC)
-            tl.store(t_ptr + o, _to_type(w * t + w_s * s.to(ACC), T_TYPE, RNE_BF16))
+            tl.store(t_ptr + o, _to_type(_lerp(t, s.to(ACC), w_s), T_TYPE, RNE_BF16))
     o = (n // BLOCK) * BLOCK + offs
     valid = o < n
     s = tl.load(s_ptr + o, mask=valid)
@@ -106,7 +115,7 @@ def ema_update_multi_kernel(
         tl.store(t_ptr + o, s, mask=valid)
     else:
         t = tl.load(t_ptr + o, mask=valid).to(ACC)
-        tl.store(t_ptr + o, _to_type(w * t + w_s * s.to(ACC), T_TYPE, RNE_BF16), mask=valid)
+        tl.store(t_ptr + o, _to_type(_lerp(t, s.to(ACC), w_s), T_TYPE, RNE_BF16), mask=valid)
 
 
 @triton.jit
@@ -123,7 +132,7 @@ def ema_kernel(
     RNE_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # out = w * t + (1 - w) * s over n contiguous elements; int64 offsets (n may exceed 2^31).
+    # out = lerp(t, s, 1 - w) over n contiguous elements; int64 offsets (n may exceed 2^31).
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = o < n
     if HAS_DECAY_TENSOR:
@@ -134,7 +143,7 @@ def ema_kernel(
         w_s = tl.zeros([], ACC) + decay_s
     t = tl.load(t_ptr + o, mask=valid).to(ACC)
     s = tl.load(s_ptr + o, mask=valid).to(ACC)
-    out = _to_type(w * t + w_s * s, out_ptr.dtype.element_ty, RNE_BF16)
+    out = _to_type(_lerp(t, s, w_s), out_ptr.dtype.element_ty, RNE_BF16)
     tl.store(out_ptr + o, out, mask=valid)
 
 
