@@ -64,15 +64,34 @@ def _num(s: str | None, digits: int) -> str:
     return "" if not s else f"{float(s):.{digits}f}"
 
 
+def copy_bandwidth_of(rows: list[dict]) -> float:
+    """The copy bandwidth a run measured, recovered from its bandwidth and % rows (0 if none)."""
+    bw = {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
+          if r["metric"] == "bandwidth"}  # fmt: skip
+    return next((bw[k] * 100 / float(r["p50"]) for r in rows
+                 if r["metric"] == "pct_copy_bw" and float(r["p50"]) > 0
+                 and (k := tuple(r[c] for c in KEY_COLUMNS)) in bw), 0.0)  # fmt: skip
+
+
 def markdown(rows: list[dict], copy_bw: float) -> str:
     env = rows[0] if rows else {}
+    runs: dict[str, list[dict]] = {}  # one harness run = one start timestamp
+    for r in rows:
+        runs.setdefault(r.get("timestamp", ""), []).append(r)
+    header = [
+        f"torch {run[0].get('torch', '')}, triton {run[0].get('triton', '') or '-'}, commit "
+        f"{run[0].get('git_commit', '') or '-'}, {stamp}; copy bandwidth "
+        f"{copy_bw if len(runs) == 1 else copy_bandwidth_of(run):.0f} GB/s measured in the same "
+        f"run (ops: {', '.join(dict.fromkeys(r['op'] for r in run))})."
+        for stamp, run in runs.items()
+    ]
     lines = [
         f"# smart_kernels benchmarks: {env.get('device', '')}",
         "",
-        f"torch {env.get('torch', '')}, triton {env.get('triton', '') or '-'}, commit "
-        f"{env.get('git_commit', '') or '-'}, {env.get('timestamp', '')}; copy bandwidth "
-        f"{copy_bw:.0f} GB/s measured in the same run. Times are medians (ms); GB/s uses each "
-        "op's minimal byte count; x = speedup over torch.compile / eager in this run.",
+        *(f"* {h}" if len(header) > 1 else h for h in header),
+        "",
+        "Times are medians (ms); GB/s uses each op's minimal byte count; x = speedup over "
+        "torch.compile / eager within the same run.",
         "",
         "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak MiB | x compile "
         "| x eager |",
@@ -174,12 +193,7 @@ def _rerender(argv: list[str]) -> None:
     out_dir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    copy = [r for r in rows if r["metric"] == "pct_copy_bw"]
-    bw = {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
-          if r["metric"] == "bandwidth"}  # fmt: skip
-    copy_bw = next((bw[k] * 100 / float(r["p50"]) for r in copy
-                    if float(r["p50"]) > 0 and (k := tuple(r[c] for c in KEY_COLUMNS)) in bw),
-                   0.0)  # fmt: skip
+    copy_bw = copy_bandwidth_of(rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(rows, copy_bw))

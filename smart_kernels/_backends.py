@@ -19,7 +19,9 @@ ENV_VAR = "SMART_KERNELS_BACKEND"
 # The GPU backend each op uses under auto selection, by measurement (benchmarks/results/).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sym_kl": ("native", "triton"),
-    "perturb": ("native", "triton"),  # normalize, perturb_step, init_noise
+    # normalize, perturb_step, init_noise: Triton ran at 97% of copy bandwidth on an H100 where
+    # the CUDA C++ step ran at 64% (benchmarks/results/NVIDIA_H100_80GB_HBM3/)
+    "perturb": ("triton", "native"),
     "ema": ("native", "triton"),
 }
 
