@@ -11,10 +11,14 @@ Public API (see README.md and DESIGN §2)::
     sk.ema_update_(teacher, student, decay, *, backend=None)
     sk.ema(teacher, student, decay, *, backend=None)
     sk.MomentumTeacher(model, decay=0.99, *, schedule=None, total_steps=None, dtype=None)
+    sk.SMARTLoss(eval_fn, *, loss="sym_kl", num_steps=1, step_size=1e-3, noise_std=1e-5,
+                 radius=1e-5, norm="inf", scope="token", rule="paper", grad="full", ...)
+    sk.bregman_loss(logits, teacher_logits, *, loss="sym_kl", mask=None)
     sk.backends()
 """
 
 from smart_kernels._backends import backends
+from smart_kernels.loss import SMARTLoss, bregman_loss
 from smart_kernels.ops.ema import ema, ema_update_
 from smart_kernels.ops.perturb import init_noise, normalize, perturb_step
 from smart_kernels.ops.sym_kl import kl, sym_kl
@@ -22,7 +26,9 @@ from smart_kernels.teacher import MomentumTeacher
 
 __all__ = [
     "MomentumTeacher",
+    "SMARTLoss",
     "backends",
+    "bregman_loss",
     "ema",
     "ema_update_",
     "init_noise",

@@ -32,6 +32,20 @@ try:
 except Exception as exc:  # a missing or broken build must not break `import smart_kernels`
     _NATIVE_ERROR = f"smart_kernels._C failed to load ({type(exc).__name__}: {exc})"
 
+# Every op of csrc/smart_kernels.cpp: a _C built from older sources (a pull without a rebuild)
+# lacks some, and is then refused as a whole rather than half used.
+NATIVE_OPS = (
+    "has_cuda", "sym_kl_fwd", "sym_kl_bwd", "sym_kl", "normalize", "normalize_bwd",
+    "perturb_step", "init_noise", "ema_update_", "ema",
+)  # fmt: skip
+if _NATIVE_ERROR is None:
+    _missing = [op for op in NATIVE_OPS if not hasattr(torch.ops.smart_kernels, op)]
+    if _missing:
+        _NATIVE_ERROR = (
+            f"smart_kernels._C is stale (built before {', '.join(_missing)} existed): rebuild "
+            "with `make setup` or `pip install --no-build-isolation --no-deps -e .`"
+        )
+
 NATIVE_CUDA: bool = _NATIVE_ERROR is None and bool(torch.ops.smart_kernels.has_cuda())
 TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
 

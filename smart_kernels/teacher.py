@@ -103,9 +103,10 @@ class MomentumTeacher(nn.Module):
             to the teacher's dtype each step, and that rounding is the cost: an update moves a
             weight by ``(1 − β)·(θ − θ̃)``, which is lost whenever it is below half a unit in
             the last place of ``θ̃``, i.e. unless ``|θ − θ̃| ≳ 2^-p / (1 − β) · |θ̃|`` with
-            ``p`` = 8 significand bits for bf16 (11 for fp16). For β = 0.999 that is a gap of
-            ~200% (bf16) / ~25% (fp16) of the weight: the low-precision teacher stops following
-            the student and stays near its initial copy; for β = 0.99 ~20% / ~3%. Keep the
+            ``p`` = 8 significand bits for bf16 (11 for fp16), up to a factor 2 depending on
+            where ``θ̃`` lies in its binade. For β = 0.999 that is a gap of ~200–400% (bf16) /
+            ~25–50% (fp16) of the weight: the low-precision teacher stops following the student
+            and stays near its initial copy; for β = 0.99 ~20–40% / ~3–6%. Keep the
             default (the student's dtype, normally fp32) unless memory forces it. Inputs to
             ``forward`` must then match this dtype (or run under autocast).
         backend: the ``ema_update_`` backend (None: auto, see ``sk.backends()``).

@@ -239,6 +239,8 @@ PERTURB_CASES = [
         TypeError,
         "mask",
     ),
+    ("normalize: eps = 0", lambda: sk.normalize(emb(2, 3), eps=0.0), ValueError, "eps"),
+    ("step: eps = 0", lambda: sk.perturb_step(emb(2, 4), emb(2, 4), eps=0), ValueError, "eps"),
     ("noise: negative std", lambda: sk.init_noise(emb(2, 4), -1.0), ValueError, "std"),
     (
         "noise: integer like",
@@ -265,5 +267,5 @@ PERTURB_CASES = [
 @pytest.mark.parametrize("desc,call,exc,arg", PERTURB_CASES, ids=[c[0] for c in PERTURB_CASES])
 def test_perturb_bad_input(backend, desc, call, exc, arg, monkeypatch):
     monkeypatch.setenv("SMART_KERNELS_BACKEND", backend)
-    with pytest.raises(exc, match=arg):
+    with pytest.raises(exc, match=rf"^{arg}:"):
         call()

@@ -222,6 +222,33 @@ def test_perturb_step_nan_propagates_and_masked_nan_does_not(backend, norm):
     assert close(out[1:], ref[1:], 1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    "shape,scope", [((3, 0), "token"), ((2, 0, 4), "sequence"), ((0, 5), "token")]
+)
+def test_empty_groups(backend, norm, shape, scope):
+    x = torch.empty(shape, requires_grad=True)
+    y = sk.normalize(x, norm=norm, scope=scope, backend=backend)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    out = sk.perturb_step(x.detach(), x.detach(), norm=norm, scope=scope, backend=backend)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_normalize_non_contiguous(backend):
+    x = embeddings(9, 4, 6).transpose(0, 2).requires_grad_()  # [6, 4, 9]
+    y = sk.normalize(x, norm="l2", scope="sequence", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    ref = reference.normalize(x64, norm="l2", scope="sequence")
+    assert close(y, ref, 1e-5)
+    go = torch.rand_like(ref)
+    y.backward(go.float())
+    ref.backward(go)
+    assert close(x.grad, x64.grad, 1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # init_noise
 

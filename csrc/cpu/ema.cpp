@@ -34,11 +34,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "../acc_type.h"
+#include "../ema_checks.h"
+#include "isa.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define SK_EMA_HAVE_AVX2_COPY 1
@@ -49,53 +49,7 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel_for task at least
 
-bool is_kernel_float(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checks (the Python layer validates user input first; these guard the raw ops).
-
-void check_decay_tensor(const c10::optional<at::Tensor>& decay_tensor, const char* op) {
-  if (!decay_tensor.has_value()) return;
-  const at::Tensor& d = *decay_tensor;
-  TORCH_CHECK(d.defined(), "smart_kernels.", op, ": decay_tensor is an undefined tensor");
-  TORCH_CHECK(d.dim() == 0, "smart_kernels.", op, ": decay_tensor must be 0-d, got shape ",
-              d.sizes());
-  TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
-              "smart_kernels.", op, ": decay_tensor must be float32 or float64, got ",
-              d.scalar_type());
-  TORCH_CHECK(d.device().is_cpu(), "smart_kernels.", op,
-              ": decay_tensor must be on the CPU like the tensors, got ", d.device());
-}
-
-void check_ema_update(at::TensorList teacher, at::TensorList student,
-                      const c10::optional<at::Tensor>& decay_tensor) {
-  TORCH_CHECK(teacher.size() == student.size(),
-              "smart_kernels.ema_update_: teacher and student lists differ in length: ",
-              teacher.size(), " vs ", student.size());
-  for (size_t i = 0; i < teacher.size(); ++i) {
-    const at::Tensor& t = teacher[i];
-    const at::Tensor& s = student[i];
-    TORCH_CHECK(t.defined() && s.defined(), "smart_kernels.ema_update_: teacher[", i,
-                "] or student[", i, "] is an undefined tensor");
-    TORCH_CHECK(t.sizes() == s.sizes(), "smart_kernels.ema_update_: teacher[", i, "] and student[",
-                i, "] shapes differ: ", t.sizes(), " vs ", s.sizes());
-    TORCH_CHECK(t.device().is_cpu() && s.device().is_cpu(), "smart_kernels.ema_update_: teacher[",
-                i, "] and student[", i, "] must be on the CPU, got ", t.device(), " and ",
-                s.device());
-    if (!t.is_floating_point()) continue;  // copied with copy_: any layout, any student dtype
-    TORCH_CHECK(is_kernel_float(t.scalar_type()), "smart_kernels.ema_update_: teacher[", i,
-                "] has unsupported dtype ", t.scalar_type(),
-                " (float16, bfloat16, float32, float64 or a non-floating dtype)");
-    TORCH_CHECK(is_kernel_float(s.scalar_type()), "smart_kernels.ema_update_: student[", i,
-                "] must be float16, bfloat16, float32 or float64 when teacher[", i,
-                "] is floating, got ", s.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && s.is_contiguous(), "smart_kernels.ema_update_: teacher[", i,
-                "] and student[", i, "] must be contiguous");
-  }
-  check_decay_tensor(decay_tensor, "ema_update_");
-}
+// Checks: csrc/ema_checks.h (the Python layer validates user input first).
 
 // ---------------------------------------------------------------------------------------------
 // Weights.
@@ -190,15 +144,10 @@ __attribute__((target("avx2,fma"))) void span_avx2(const void* t, const void* s,
 }
 #endif
 
-// AVX2 + FMA copy when the CPU has them, unless SMART_KERNELS_CPU_ISA=base (read once).
+// AVX2 + FMA copy when the CPU has them, unless SMART_KERNELS_CPU_ISA=base (isa.h).
 bool use_avx2() {
 #ifdef SK_EMA_HAVE_AVX2_COPY
-  static const bool use = [] {
-    const char* isa = std::getenv("SMART_KERNELS_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "base") return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return use;
+  return cpu_use_avx2();
 #else
   return false;
 #endif
@@ -249,7 +198,8 @@ struct Span {
 
 void ema_update_cpu(at::TensorList teacher, at::TensorList student,
                     const c10::optional<at::Tensor>& decay_tensor, double decay) {
-  check_ema_update(teacher, student, decay_tensor);
+  check_ema_pairs(teacher, student, at::Device(at::kCPU));
+  check_decay_tensor(decay_tensor, at::Device(at::kCPU), "ema_update_");
   const Weights weights = ema_weights(decay_tensor, decay);
   std::vector<Span> spans;
   std::vector<int64_t> ends;  // ends[k] = spans[k].begin + spans[k].n (ascending)
@@ -291,17 +241,10 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student,
 
 at::Tensor ema_cpu(const at::Tensor& teacher, const at::Tensor& student,
                    const c10::optional<at::Tensor>& decay_tensor, double decay) {
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "smart_kernels.ema: teacher and student shapes differ: ", teacher.sizes(), " vs ",
-              student.sizes());
-  TORCH_CHECK(teacher.device().is_cpu() && student.device().is_cpu(),
-              "smart_kernels.ema: teacher and student must be on the CPU, got ", teacher.device(),
-              " and ", student.device());
-  TORCH_CHECK(is_kernel_float(teacher.scalar_type()) && is_kernel_float(student.scalar_type()),
-              "smart_kernels.ema: teacher and student must be float16, bfloat16, float32 or "
-              "float64, got ",
-              teacher.scalar_type(), " and ", student.scalar_type());
-  check_decay_tensor(decay_tensor, "ema");
+  check_ema_pair(teacher, student);
+  TORCH_CHECK(teacher.device().is_cpu(), "smart_kernels.ema: expected CPU tensors, got ",
+              teacher.device());
+  check_decay_tensor(decay_tensor, teacher.device(), "ema");
   const double w = ema_weights(decay_tensor, decay).for_teacher(teacher.scalar_type());
   const at::Tensor t = teacher.contiguous();
   const at::Tensor s = student.contiguous();

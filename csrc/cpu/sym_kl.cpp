@@ -19,10 +19,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace smart_kernels {
 
@@ -40,21 +39,6 @@ SK_DECLARE_ROWS(avx2)
 #undef SK_DECLARE_ROWS
 
 namespace {
-
-// AVX2 + FMA kernels when the CPU has them, unless SMART_KERNELS_CPU_ISA=base (read once; lets
-// the tests cover the baseline kernels on an AVX2 machine).
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool use = [] {
-    const char* isa = std::getenv("SMART_KERNELS_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "base") return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return use;
-#else
-  return false;
-#endif
-}
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / V); }
 
@@ -85,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_kl_fwd_cpu(const at::Tensor& 
   at::Tensor rows = reduction == kNone ? out : at::empty({N}, stats.options());
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
-  const auto fwd = cpu_has_avx2() ? &avx2::sym_kl_fwd_rows : &base::sym_kl_fwd_rows;
+  const auto fwd = cpu_use_avx2() ? &avx2::sym_kl_fwd_rows : &base::sym_kl_fwd_rows;
   const void* a = input.data_ptr();
   const void* b = target.data_ptr();
   void* rows_p = rows.data_ptr();
@@ -122,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> sym_kl_bwd_cpu(const at::Tensor& grad_out,
   const double scale_v = scale.item<double>();  // a CPU tensor: no device sync
   at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_p = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
-  const auto bwd = cpu_has_avx2() ? &avx2::sym_kl_bwd_rows : &base::sym_kl_bwd_rows;
+  const auto bwd = cpu_use_avx2() ? &avx2::sym_kl_bwd_rows : &base::sym_kl_bwd_rows;
   const void* a = input.data_ptr();
   const void* b = target.data_ptr();
   void* ga_p = need_input ? ga.data_ptr() : nullptr;

@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "../acc_type.h"
+#include "../ema_checks.h"
 
 namespace smart_kernels {
 namespace {
@@ -66,10 +67,6 @@ constexpr int kThreads = 256;           // threads per block
 constexpr int64_t kChunk = 16384;       // elements per chunk (a multiple of every vector width)
 constexpr int kUnroll = 4;              // vectors in flight per thread
 constexpr size_t kMaxCachedTables = 8;  // tables kept that no capture has used
-
-bool is_kernel_float(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Device side.
@@ -252,21 +249,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks (the Python layer validates user input first; these guard the raw ops).
-
-void check_decay_tensor(const c10::optional<at::Tensor>& decay_tensor, const at::Device& device,
-                        const char* op) {
-  if (!decay_tensor.has_value()) return;
-  const at::Tensor& d = *decay_tensor;
-  TORCH_CHECK(d.defined(), "smart_kernels.", op, ": decay_tensor is an undefined tensor");
-  TORCH_CHECK(d.dim() == 0, "smart_kernels.", op, ": decay_tensor must be 0-d, got shape ",
-              d.sizes());
-  TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
-              "smart_kernels.", op, ": decay_tensor must be float32 or float64, got ",
-              d.scalar_type());
-  TORCH_CHECK(d.device() == device, "smart_kernels.", op,
-              ": decay_tensor must be on the tensors' device ", device, ", got ", d.device());
-}
+// Checks: csrc/ema_checks.h (the Python layer validates user input first).
 
 DecayArg decay_arg(const c10::optional<at::Tensor>& decay_tensor, double decay) {
   DecayArg arg{nullptr, nullptr, 1.0 - decay};
@@ -280,38 +263,15 @@ DecayArg decay_arg(const c10::optional<at::Tensor>& decay_tensor, double decay) 
   return arg;
 }
 
-// The device of the lists (all pairs on one CUDA device), checked pair by pair.
+// The device of the lists (all pairs on one CUDA device, that of teacher[0]), checked pair by pair.
 at::Device check_ema_update(at::TensorList teacher, at::TensorList student,
                             const c10::optional<at::Tensor>& decay_tensor) {
-  TORCH_CHECK(teacher.size() == student.size(),
-              "smart_kernels.ema_update_: teacher and student lists differ in length: ",
-              teacher.size(), " vs ", student.size());
   at::Device device = decay_tensor.has_value() && decay_tensor->defined()
                           ? decay_tensor->device()
                           : at::Device(at::kCUDA);
   if (!teacher.empty() && teacher[0].defined()) device = teacher[0].device();
   TORCH_CHECK(device.is_cuda(), "smart_kernels.ema_update_: expected CUDA tensors, got ", device);
-  for (size_t i = 0; i < teacher.size(); ++i) {
-    const at::Tensor& t = teacher[i];
-    const at::Tensor& s = student[i];
-    TORCH_CHECK(t.defined() && s.defined(), "smart_kernels.ema_update_: teacher[", i,
-                "] or student[", i, "] is an undefined tensor");
-    TORCH_CHECK(t.sizes() == s.sizes(), "smart_kernels.ema_update_: teacher[", i, "] and student[",
-                i, "] shapes differ: ", t.sizes(), " vs ", s.sizes());
-    TORCH_CHECK(t.device() == device && s.device() == device,
-                "smart_kernels.ema_update_: teacher[", i, "] and student[", i,
-                "] must be on the device of teacher[0] (", device, "), got ", t.device(), " and ",
-                s.device());
-    if (!t.is_floating_point()) continue;  // copied with copy_: any layout, any student dtype
-    TORCH_CHECK(is_kernel_float(t.scalar_type()), "smart_kernels.ema_update_: teacher[", i,
-                "] has unsupported dtype ", t.scalar_type(),
-                " (float16, bfloat16, float32, float64 or a non-floating dtype)");
-    TORCH_CHECK(is_kernel_float(s.scalar_type()), "smart_kernels.ema_update_: student[", i,
-                "] must be float16, bfloat16, float32 or float64 when teacher[", i,
-                "] is floating, got ", s.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && s.is_contiguous(), "smart_kernels.ema_update_: teacher[", i,
-                "] and student[", i, "] must be contiguous");
-  }
+  check_ema_pairs(teacher, student, device);
   check_decay_tensor(decay_tensor, device, "ema_update_");
   return device;
 }
@@ -587,16 +547,8 @@ void ema_update_cuda(at::TensorList teacher, at::TensorList student,
 
 at::Tensor ema_cuda(const at::Tensor& teacher, const at::Tensor& student,
                     const c10::optional<at::Tensor>& decay_tensor, double decay) {
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "smart_kernels.ema: teacher and student shapes differ: ", teacher.sizes(), " vs ",
-              student.sizes());
-  TORCH_CHECK(teacher.is_cuda() && student.device() == teacher.device(),
-              "smart_kernels.ema: teacher and student must be on one CUDA device, got ",
-              teacher.device(), " and ", student.device());
-  TORCH_CHECK(is_kernel_float(teacher.scalar_type()) && is_kernel_float(student.scalar_type()),
-              "smart_kernels.ema: teacher and student must be float16, bfloat16, float32 or "
-              "float64, got ",
-              teacher.scalar_type(), " and ", student.scalar_type());
+  check_ema_pair(teacher, student);
+  TORCH_CHECK(teacher.is_cuda(), "smart_kernels.ema: expected CUDA tensors, got ", teacher.device());
   check_decay_tensor(decay_tensor, teacher.device(), "ema");
   const c10::cuda::CUDAGuard guard(teacher.device());
   const at::Tensor t = teacher.contiguous();

@@ -27,6 +27,7 @@ per-pair PyTorch fallback (``reference.ema_update_``) after the fused update of 
 from __future__ import annotations
 
 import numbers
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,8 @@ from smart_kernels.ops._checks import FLOAT_DTYPES
 
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
+_STRIDE = torch.Tensor.stride
+_DTYPE = operator.attrgetter("dtype")
 _CACHE_SIZE = 8
 
 
@@ -289,9 +292,12 @@ def _update_traced(
 
 
 def _key(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> tuple:
+    # Identity, storage, size, layout and dtype: an in-place t_() / resize_ / view change misses.
     return (
         *map(id, teacher), *map(id, student), *map(_DATA_PTR, teacher),
         *map(_DATA_PTR, student), *map(_NUMEL, teacher), *map(_NUMEL, student),
+        *map(_STRIDE, teacher), *map(_STRIDE, student), *map(_DTYPE, teacher),
+        *map(_DTYPE, student),
     )  # fmt: skip
 
 
@@ -415,6 +421,9 @@ def ema_update_(
     Non-contiguous pairs are updated correctly by a per-pair PyTorch fallback. Runs under
     ``torch.no_grad()``. Validation results and the Triton chunk table are cached per pair of
     lists (see the module docstring); for repeated updates, :class:`EmaPlan` is cheaper still.
+    Not checked (it would cost a scan of every storage): teacher tensors must not overlap one
+    another in memory (a region shared by two views would be updated twice) nor alias their
+    students.
     """
     teacher = _as_list("teacher", teacher)
     student = _as_list("student", student)

@@ -129,15 +129,18 @@ if _backends._NATIVE_ERROR is None:
 # Validation (before any kernel; never reads device memory).
 
 
-def _check_number(name: str, value: object, *, allow_none: bool = False) -> None:
-    """A finite real number >= 0 (or None when allowed)."""
+def _check_number(
+    name: str, value: object, *, allow_none: bool = False, positive: bool = False
+) -> None:
+    """A finite real number >= 0 (> 0 if ``positive``; or None when allowed)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         extra = " or None" if allow_none else ""
         raise TypeError(f"{name}: expected a number{extra}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 def _check_embeddings(name: str, x: object, scope: str) -> None:
@@ -181,7 +184,7 @@ def normalize(
             [T, H] slice is a group); float16/bfloat16/float32/float64.
         norm: ``"inf"``, ``"l2"`` or ``"l1"``.
         scope: ``"token"`` or ``"sequence"``.
-        eps: added to the norm (>= 0).
+        eps: added to the norm (> 0: an all-zero group then normalizes to zeros, not NaN).
         backend: ``None`` (auto), ``"reference"``, ``"native"`` or ``"triton"``.
 
     Returns:
@@ -192,9 +195,11 @@ def normalize(
     check_choice("scope", scope, tuple(SCOPE_CODES))
     _check_embeddings("x", x, scope)
     check_choice("norm", norm, tuple(NORM_CODES))
-    _check_number("eps", eps)
+    _check_number("eps", eps, positive=True)
     name = _backends.choose(OP, backend, x.device)
-    if name == "reference" or x.numel() == 0:
+    if x.numel() == 0:
+        return x * 0  # empty (a group may even be empty): nothing to normalize, graph kept
+    if name == "reference":
         return reference.normalize(x, norm=norm, scope=scope, eps=eps)
     args = (_contig(x), NORM_CODES[norm], SCOPE_CODES[scope], float(eps))
     if name == "native":
@@ -221,12 +226,13 @@ def perturb_step(
     element to [-radius, radius] (``norm="inf"``) or rescales the group to norm <= radius
     (``"l2"``, ``"l1"``); ``radius=None`` skips Π. ``rule="normalize_sum"`` (mt-dnn /
     smart-pytorch): ``normalize(noise + step_size * grad)`` (``radius`` is not used).
-    A group whose gradient is all zero gets no NaN (``normalize`` of zeros is zeros).
+    A group whose gradient is all zero gets no NaN (``normalize`` of zeros is zeros, eps > 0):
+    with the paper rule it keeps its noise, projected.
 
     Args:
         noise: [..., H] or [..., T, H] (see :func:`normalize` for the scopes).
         grad: the gradient of the loss w.r.t. the noise: noise's shape, dtype and device.
-        step_size, radius, eps: numbers >= 0 (radius may be None).
+        step_size, radius: numbers >= 0 (radius may be None); eps: > 0, added to the norms.
         mask: optional bool [...] = noise.shape[:-1], one flag per token (e.g. an attention
             mask): a False token gets zero noise and is left out of the group's norm.
         backend: ``None`` (auto), ``"reference"``, ``"native"`` or ``"triton"``.
@@ -250,11 +256,13 @@ def perturb_step(
     check_choice("rule", rule, tuple(RULE_CODES))
     _check_number("step_size", step_size)
     _check_number("radius", radius, allow_none=True)
-    _check_number("eps", eps)
+    _check_number("eps", eps, positive=True)
     _check_mask(mask, noise, "noise")
     name = _backends.choose(OP, backend, noise.device)
     noise, grad = noise.detach(), grad.detach()
-    if name == "reference" or noise.numel() == 0:
+    if noise.numel() == 0:
+        return torch.empty_like(noise, memory_format=torch.contiguous_format)
+    if name == "reference":
         return reference.perturb_step(
             noise, grad, step_size=step_size, radius=radius, norm=norm, scope=scope, rule=rule,
             eps=eps, mask=mask,
@@ -287,7 +295,8 @@ def init_noise(
         generator: a ``torch.Generator`` on like's device: the noise is reproducible from its
             state (one 64-bit seed is drawn from it per call, on the device: no host sync).
         backend: ``None`` (auto), ``"reference"`` (``torch.randn``), ``"native"`` (Philox4x32-10
-            + Box-Muller, the same numbers on CPU and CUDA) or ``"triton"`` (``tl.randn``).
+            + Box-Muller, the same numbers on CPU and CUDA) or ``"triton"`` (the same generator,
+            the same numbers up to the last bits of log / cos / sin).
 
     Returns:
         The noise (like's shape and dtype); does not require grad.

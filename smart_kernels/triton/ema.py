@@ -210,6 +210,10 @@ class EmaTable:
             host = host.pin_memory()
             self.table = host.to(self.device, non_blocking=True)
             self._host = host  # the source of the asynchronous copy stays alive with the table
+            # A launch on another stream must wait for the upload (recorded on this one).
+            self._upload_stream = torch.cuda.current_stream(self.device)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record(self._upload_stream)
         else:
             self.table = host.to(self.device)
         offset = 0
@@ -230,6 +234,10 @@ class EmaTable:
         else the float ``decay``."""
         if not self.launches:
             return
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            if stream != self._upload_stream and not torch.cuda.is_current_stream_capturing():
+                stream.wait_event(self._uploaded)
         with _on_device(self.table):
             for view, chunks, aligned, t_type, s_type, acc_tl, copy, rne, acc in self.launches:
                 dt, d = _decay_args(decay_tensor, decay, acc, self.device)

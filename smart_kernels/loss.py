@@ -1,0 +1,245 @@
+"""``SMARTLoss``: SMART's smoothness-inducing adversarial regularizer R_s (Jiang et al., ACL 2020),
+assembled from the fused ops, and ``bregman_loss`` for the momentum-teacher term.
+
+    R_s = ℓ_s(f(x + δ), f(x)),  δ = S steps of projected ascent from δ₀ ~ N(0, σ²):
+    δ ← Π_ε(δ + η · normalize(∂ℓ_s(f(x + δ), sg f(x)) / ∂δ))      (rule="paper")
+
+The full objective is ``L + λ_s·R_s + μ·D_Breg`` with ``D_Breg = ℓ_s(f(x; θ), f(x; θ̃))`` against a
+:class:`~smart_kernels.MomentumTeacher` θ̃. One training step (README, "SMART in a training step")::
+
+    embed = model.get_input_embeddings()(input_ids)          # WORD embeddings only
+    logits = model(inputs_embeds=embed, attention_mask=am).logits
+    eval_fn = lambda e: model(inputs_embeds=e, attention_mask=am).logits
+    loss = task_loss(logits, labels) + lambda_s * smart(eval_fn, embed, logits, mask=am)
+    teacher_logits = teacher(input_ids=input_ids, attention_mask=am).logits
+    loss = loss + mu * sk.bregman_loss(logits, teacher_logits)
+    loss.backward(); optimizer.step(); teacher.update(model)
+
+Perturb the word embeddings and feed them as ``inputs_embeds``: the model adds position / type
+embeddings and LayerNorm itself. Feeding the output of the whole embeddings module back as
+``inputs_embeds`` applies those twice (a bug of both public implementations).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from smart_kernels.ops._checks import check_choice, check_float_tensor
+from smart_kernels.ops.perturb import NORM_CODES, RULE_CODES, SCOPE_CODES, init_noise, perturb_step
+from smart_kernels.ops.sym_kl import REDUCTIONS, sym_kl
+
+LOSSES = ("sym_kl", "mse")
+GRAD_MODES = ("full", "stop_grad")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _rows_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """The embeddings' token mask [B, T] as a mask of logits' rows: token-level logits [B, T, C]
+    take it as is; sequence-level logits [B, C] ignore it (every sequence counts)."""
+    if mask is None or mask.shape != logits.shape[:-1]:
+        return None
+    return mask
+
+
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "batchmean",
+    mask: torch.Tensor | None = None,
+    grad: str = "full",
+) -> torch.Tensor:
+    """Squared error between predictions [..., C] per row, ``sum_c (input - target)^2``, reduced
+    like :func:`smart_kernels.sym_kl` (``batchmean``: over counted rows). ``grad="stop_grad"``
+    gives each side the gradient it would get against the other detached (as sym_kl does)."""
+    diff = input - target
+    if grad == "stop_grad":
+        rows = 0.5 * ((input - target.detach()) ** 2 + (input.detach() - target) ** 2)
+        rows = rows.sum(-1)
+    else:
+        rows = (diff * diff).sum(-1)
+    rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+    if mask is not None:
+        rows = torch.where(mask, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = mask.sum().clamp(min=1).to(total.dtype) if mask is not None else max(rows.numel(), 1)
+    if reduction == "mean":
+        count = count * input.shape[-1]
+    return total / count
+
+
+def bregman_loss(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    loss: str = "sym_kl",
+    mask: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SMART's momentum Bregman term ``D_Breg = ℓ_s(f(x; θ), f(x; θ̃))``: ``logits`` [..., C] of
+    the model, ``teacher_logits`` of the teacher (detached here: the teacher is not trained).
+    ``loss``: ``"sym_kl"`` (classification) or ``"mse"`` (regression); ``mask``: bool [...]."""
+    check_choice("loss", loss, LOSSES)
+    target = teacher_logits.detach()
+    if loss == "mse":
+        return mse_loss(logits, target, reduction=reduction, mask=mask)
+    return sym_kl(logits, target, reduction=reduction, mask=mask, backend=backend)
+
+
+class SMARTLoss(nn.Module):
+    """SMART's adversarial smoothness regularizer ``R_s`` on the word embeddings.
+
+    Args:
+        eval_fn: ``eval_fn(embed, **eval_kwargs) -> logits``: the model from (perturbed) word
+            embeddings [B, T, H] to logits [B, C] (sequence level) or [B, T, C] (token level).
+        loss: ``"sym_kl"`` (classification), ``"mse"`` (regression) or a callable
+            ``loss(input, target) -> scalar``. Logits with a last dim of 1 use ``"mse"`` even
+            when ``"sym_kl"`` is asked for (a softmax over one class is constant).
+        num_steps: ascent steps S (>= 0).
+        step_size: η; noise_std: σ of the initial noise; radius: ε of the projection (None: none).
+        norm: ``"inf"``, ``"l2"`` or ``"l1"``; scope: ``"token"`` or ``"sequence"``.
+        rule: ``"paper"`` (projected normalized-gradient ascent) or ``"normalize_sum"``
+            (mt-dnn / smart-pytorch).
+        grad: ``"full"`` (exact gradients of ℓ_s into both f(x + δ) and f(x)) or ``"stop_grad"``
+            (each side against the other detached; mt-dnn's symmetric KL); used in the ascent
+            steps too.
+        reduction: of ℓ_s over rows: ``"batchmean"``, ``"sum"`` or ``"mean"``.
+        eps: added to the norms in ``normalize``.
+        backend: kernel backend of the fused ops (None: auto).
+
+    ``forward(embed, logits, *, mask=None, **eval_kwargs)``:
+        embed: word embeddings [B, T, H] that produced ``logits`` (with their graph);
+        logits: ``eval_fn(embed)`` [B, C] or [B, T, C], with gradients to the model;
+        mask: bool/int [B, T] (e.g. the attention mask): padding gets no noise and is left out
+            of the norms; for token-level logits it also masks the loss rows.
+        Returns the scalar ``R_s``: the noise is initialised and moved by ``num_steps`` ascent
+        steps, each differentiating only w.r.t. the noise (no parameter gradients accumulate),
+        then ``ℓ_s(f(embed + δ), logits)`` is returned with gradients into the model. Nothing
+        synchronizes the host; works under autocast and with a compiled model.
+    """
+
+    def __init__(
+        self,
+        eval_fn: Callable[..., torch.Tensor],
+        *,
+        loss: str | LossFn = "sym_kl",
+        num_steps: int = 1,
+        step_size: float = 1e-3,
+        noise_std: float = 1e-5,
+        radius: float | None = 1e-5,
+        norm: str = "inf",
+        scope: str = "token",
+        rule: str = "paper",
+        grad: str = "full",
+        reduction: str = "batchmean",
+        eps: float = 1e-6,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(eval_fn):
+            raise TypeError(f"eval_fn: expected a callable, got {type(eval_fn).__name__}")
+        if not callable(loss):
+            check_choice("loss", loss, LOSSES)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps: expected an int >= 0, got {num_steps!r}")
+        for name, value in (("step_size", step_size), ("noise_std", noise_std), ("eps", eps)):
+            _check_nonneg(name, value)
+        if radius is not None:
+            _check_nonneg("radius", radius)
+        check_choice("norm", norm, tuple(NORM_CODES))
+        check_choice("scope", scope, tuple(SCOPE_CODES))
+        check_choice("rule", rule, tuple(RULE_CODES))
+        check_choice("grad", grad, GRAD_MODES)
+        check_choice("reduction", reduction, tuple(r for r in REDUCTIONS if r != "none"))
+        self.eval_fn = eval_fn
+        self.loss = loss
+        self.num_steps = num_steps
+        self.step_size = step_size
+        self.noise_std = noise_std
+        self.radius = radius
+        self.norm = norm
+        self.scope = scope
+        self.rule = rule
+        self.grad = grad
+        self.reduction = reduction
+        self.eps = eps
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "fn")
+        return (
+            f"loss={loss}, num_steps={self.num_steps}, step_size={self.step_size}, "
+            f"noise_std={self.noise_std}, radius={self.radius}, norm={self.norm}, "
+            f"scope={self.scope}, rule={self.rule}, grad={self.grad}"
+        )
+
+    def divergence(
+        self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, grad: str
+    ) -> torch.Tensor:
+        """ℓ_s(input, target) as configured (``grad`` applies to the built-in losses)."""
+        if callable(self.loss):
+            return self.loss(input, target)
+        rows = _rows_mask(mask, input)
+        if self.loss == "mse" or input.shape[-1] == 1:
+            return mse_loss(input, target, reduction=self.reduction, mask=rows, grad=grad)
+        return sym_kl(
+            input, target, reduction=self.reduction, grad=grad, mask=rows, backend=self.backend
+        )
+
+    def forward(
+        self,
+        embed: torch.Tensor,
+        logits: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        **eval_kwargs,
+    ) -> torch.Tensor:
+        check_float_tensor("embed", embed)
+        check_float_tensor("logits", logits)
+        if embed.dim() < 2:
+            raise ValueError(f"embed: expected [..., T, H], got shape {tuple(embed.shape)}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+            if mask.shape != embed.shape[:-1]:
+                raise ValueError(
+                    f"mask: expected shape {tuple(embed.shape[:-1])} (embed's leading dims), "
+                    f"got {tuple(mask.shape)}"
+                )
+            mask = mask if mask.dtype == torch.bool else mask != 0
+        step = dict(
+            step_size=self.step_size, radius=self.radius, norm=self.norm, scope=self.scope,
+            rule=self.rule, eps=self.eps, mask=mask, backend=self.backend,
+        )  # fmt: skip
+        noise = init_noise(embed, self.noise_std, mask=mask, backend=self.backend)
+        target = logits.detach()
+        base = embed.detach()
+        for _ in range(self.num_steps):
+            noise.requires_grad_()
+            # The ascent needs only d loss / d noise: autograd.grad accumulates no parameter
+            # gradient, and the clean logits are a constant here.
+            with torch.enable_grad():
+                adv = self.eval_fn(base + noise, **eval_kwargs)
+                inner = self.divergence(adv, target, mask, self.grad)
+                (g,) = torch.autograd.grad(inner, noise)
+            noise = perturb_step(noise.detach(), g, **step)
+        adv = self.eval_fn(embed + noise, **eval_kwargs)
+        return self.divergence(adv, logits, mask, self.grad)
+
+
+def _check_nonneg(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
