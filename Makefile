@@ -15,7 +15,9 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 
 # Pinned CPU toolchain (DESIGN §7). torch is pinned so that nothing pulls a CUDA build.
 TORCH_CPU := torch==2.13.0
-DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm
+DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm transformers==5.24.0
+# Test-only: smart-pytorch for the compat parity tests (its other requirement is a stub package).
+TEST_NODEPS := smart-pytorch==0.0.4
 TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
@@ -27,6 +29,7 @@ setup: $(VENV)/.installed
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_CPU) $(DEPS)
+	$(PY) -m pip install -q --no-deps $(TEST_NODEPS)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES) pyproject.toml
