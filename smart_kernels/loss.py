@@ -155,6 +155,8 @@ class SMARTLoss(nn.Module):
             raise ValueError(f"num_steps: expected an int >= 0, got {num_steps!r}")
         for name, value in (("step_size", step_size), ("noise_std", noise_std), ("eps", eps)):
             _check_nonneg(name, value)
+        if eps == 0:
+            raise ValueError("eps: expected a finite number > 0 (an all-zero group would be 0/0)")
         if radius is not None:
             _check_nonneg("radius", radius)
         check_choice("norm", norm, tuple(NORM_CODES))

@@ -1,0 +1,211 @@
+"""SMARTLoss and bregman_loss: the algorithm against a hand-written SMART step, on every backend
+that runs here; sequence- and token-level logits, regression, masks, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CPU_BACKENDS
+from torch import nn
+
+import smart_kernels as sk
+from smart_kernels import reference
+
+
+class TinyEncoder(nn.Module):
+    """Word embeddings -> a small nonlinear encoder -> logits [B, C] or [B, T, C]."""
+
+    def __init__(self, vocab=50, hidden=16, classes=3, token_level=False, dtype=torch.float64):
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden, dtype=dtype)
+        self.mix = nn.Linear(hidden, hidden, dtype=dtype)
+        self.head = nn.Linear(hidden, classes, dtype=dtype)
+        self.token_level = token_level
+
+    def forward(self, embed, mask=None):
+        h = torch.tanh(self.mix(embed))
+        if self.token_level:
+            return self.head(h)
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return self.head(h.mean(-2))
+
+
+def fixed_noise(like, std=1e-5, *, mask=None, generator=None, backend=None):
+    """A deterministic stand-in for sk.init_noise (same contract), so that the manual SMART step
+    starts from the same δ₀ (at δ = 0 the ascent gradient is exactly 0)."""
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(like.shape, generator=g, dtype=like.dtype) * 1e-2
+    return noise if mask is None else noise * mask.unsqueeze(-1)
+
+
+def manual_smart(model, embed, logits, mask, *, steps, step_size, radius):
+    """SMART written out with plain PyTorch from δ₀ = fixed_noise: S steps of
+    δ <- clamp(δ + η g / (max|g| + eps), -ε, ε) per token, then ℓ_s(f(x + δ), f(x))."""
+    rows = mask if (mask is not None and logits.dim() == 3) else None
+    noise = fixed_noise(embed, mask=mask)
+    for _ in range(steps):
+        noise.requires_grad_()
+        inner = reference.sym_kl(model(embed.detach() + noise, mask), logits.detach(), mask=rows)
+        (g,) = torch.autograd.grad(inner, noise)
+        g = g * mask.unsqueeze(-1)
+        unit = g / (g.abs().amax(-1, keepdim=True) + 1e-6)
+        noise = (noise.detach() + step_size * unit).clamp(-radius, radius)
+        noise = noise * mask.unsqueeze(-1)
+    return reference.sym_kl(model(embed + noise, mask), logits, mask=rows)
+
+
+def _batch(token_level=False, seed=0, masked=True):
+    torch.manual_seed(seed)
+    model = TinyEncoder(token_level=token_level)
+    ids = torch.randint(0, 50, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    if masked:
+        mask[1, 5:] = False
+        mask[3, 2:] = False
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("token_level", [False, True])
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_matches_manual_smart(backend, token_level, steps, monkeypatch):
+    monkeypatch.setattr(sk.loss, "init_noise", fixed_noise)
+    model, ids, mask = _batch(token_level)
+    kw = dict(step_size=0.5, radius=0.05)  # large enough that the steps matter
+
+    def run(fn):
+        model.zero_grad()
+        embed = model.word(ids)
+        logits = model(embed, mask)
+        loss = fn(embed, logits)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    smart = sk.SMARTLoss(lambda e, m: model(e, m), num_steps=steps, backend=backend, **kw)
+    ours, ours_grads = run(lambda e, lg: smart(e, lg, mask=mask, m=mask))
+    ref, ref_grads = run(lambda e, lg: manual_smart(model, e, lg, mask, steps=steps, **kw))
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    assert ours.item() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inner_steps_leave_no_parameter_gradient(backend):
+    model, ids, mask = _batch()
+    embed = model.word(ids)
+    logits = model(embed, mask)
+    smart = sk.SMARTLoss(lambda e: model(e, mask), num_steps=2, backend=backend)
+    loss = smart(embed, logits, mask=mask)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_padding_gets_no_noise(backend):
+    model, ids, mask = _batch(token_level=True)
+    seen = []
+
+    def eval_fn(e):
+        seen.append(e.detach() - embed.detach())
+        return model(e)
+
+    embed = model.word(ids)
+    smart = sk.SMARTLoss(eval_fn, num_steps=1, noise_std=1e-3, radius=1e-2, backend=backend)
+    smart(embed, model(embed), mask=mask).backward()
+    for noise in seen:
+        assert (noise[~mask] == 0).all() and (noise[mask] != 0).any()
+        assert noise.abs().max() <= 1e-2 * (1 + 1e-12)
+
+
+def test_regression_and_mse(monkeypatch):
+    monkeypatch.setattr(sk.loss, "init_noise", fixed_noise)
+    torch.manual_seed(0)
+    model = TinyEncoder(classes=1)
+    embed = model.word(torch.randint(0, 50, (5, 6)))
+    logits = model(embed)
+    ours = sk.SMARTLoss(model, num_steps=1, noise_std=0.0, step_size=0.5, radius=0.05)
+    explicit = sk.SMARTLoss(
+        model, loss="mse", num_steps=1, noise_std=0.0, step_size=0.5, radius=0.05
+    )
+    a, b = ours(embed, logits), explicit(embed, logits)
+    assert torch.equal(a, b) and a.item() > 0
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    assert torch.allclose(sk.loss.mse_loss(x, y), ((x - y) ** 2).sum(-1).mean())
+
+
+def test_custom_loss_callable():
+    model, ids, mask = _batch()
+    embed = model.word(ids)
+    logits = model(embed, mask)
+    calls = []
+
+    def my_loss(a, b):
+        calls.append(1)
+        return F.mse_loss(a, b, reduction="sum")
+
+    loss = sk.SMARTLoss(lambda e: model(e, mask), loss=my_loss, num_steps=2)(embed, logits)
+    assert len(calls) == 3 and loss.item() >= 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bregman_loss(backend):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    d = sk.bregman_loss(logits, teacher, backend=backend)
+    d.backward()
+    assert teacher.grad is None
+    logits64 = logits.detach().clone().requires_grad_()
+    ref = reference.sym_kl(logits64, teacher.detach())
+    ref.backward()
+    assert torch.allclose(d, ref) and torch.allclose(logits.grad, logits64.grad)
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(0)
+    model = TinyEncoder(dtype=torch.float32)
+    embed = model.word(torch.randint(0, 50, (4, 7)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(embed)
+        loss = sk.SMARTLoss(model, num_steps=1)(embed, logits)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+BAD = [
+    (dict(eval_fn=1), TypeError, "eval_fn"),
+    (dict(loss="kl"), ValueError, "loss"),
+    (dict(num_steps=-1), ValueError, "num_steps"),
+    (dict(num_steps=1.5), ValueError, "num_steps"),
+    (dict(step_size=-1.0), ValueError, "step_size"),
+    (dict(noise_std=float("nan")), ValueError, "noise_std"),
+    (dict(radius=-1e-5), ValueError, "radius"),
+    (dict(norm="l3"), ValueError, "norm"),
+    (dict(scope="batch"), ValueError, "scope"),
+    (dict(rule="x"), ValueError, "rule"),
+    (dict(grad="none"), ValueError, "grad"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(eps=0.0), ValueError, "eps"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,arg", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_arguments(kw, exc, arg):
+    kw = {"eval_fn": lambda e: e, **kw}
+    with pytest.raises(exc, match=rf"^{arg}:"):
+        sk.SMARTLoss(**kw)
+
+
+def test_bad_forward_inputs():
+    smart = sk.SMARTLoss(lambda e: e.sum(-2))
+    embed, logits = torch.randn(2, 3, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="^mask:"):
+        smart(embed, logits, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^embed:"):
+        smart(torch.randn(4), logits)
+    with pytest.raises(TypeError, match="^embed:"):
+        smart(torch.ones(2, 3, 4, dtype=torch.long), logits)
