@@ -15,7 +15,8 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 
 # Pinned CPU toolchain (DESIGN §7). torch is pinned so that nothing pulls a CUDA build.
 TORCH_CPU := torch==2.13.0
-DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm transformers==5.24.0
+DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm \
+	transformers==5.24.0 accelerate==1.15.0
 # Test-only: smart-pytorch for the compat parity tests (its other requirement is a stub package).
 TEST_NODEPS := smart-pytorch==0.0.4
 TORCH_CUDA := torch==2.14.1
