@@ -157,7 +157,7 @@ class MomentumTeacher(nn.Module):
         for p in self.module.parameters():
             p.requires_grad_(False)
             p.grad = None
-        self.module.eval()
+        self.train(False)  # this module and the copy: eval mode, always
         self.backend = backend
         self.step = 0
         self._decay_value = self.decay_at(0)
