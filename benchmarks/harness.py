@@ -29,9 +29,10 @@ from benchmarks.spec import MODES, Case, OpBench, Provider  # noqa: E402
 
 
 def all_ops() -> dict[str, OpBench]:
-    from benchmarks import bench_ema, bench_perturb, bench_sym_kl
+    from benchmarks import bench_ema, bench_perturb, bench_smart_step, bench_sym_kl
 
-    return {op.name: op for op in (*bench_sym_kl.OPS, *bench_perturb.OPS, *bench_ema.OPS)}
+    ops = (*bench_sym_kl.OPS, *bench_perturb.OPS, *bench_ema.OPS, *bench_smart_step.OPS)
+    return {op.name: op for op in ops}
 
 
 def _mode_callable(provider: Provider, inputs: list[torch.Tensor], mode: str):

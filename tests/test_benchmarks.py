@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import report  # noqa: E402
 from benchmarks.bench_perturb import PERTURB_SEQUENCE, PERTURB_TOKEN  # noqa: E402
+from benchmarks.bench_smart_step import SMART_STEP  # noqa: E402
 from benchmarks.bench_sym_kl import KL, SYM_KL  # noqa: E402
 
 # The published schema (README): changing it is a breaking change for whoever reads the CSVs.
@@ -31,7 +32,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--smoke", "--device", "cpu", "--op",
-         "sym_kl,kl,perturb_step,perturb_step_seq", "--out", str(out), "--no-progress"],
+         "sym_kl,kl,perturb_step,perturb_step_seq,smart_step", "--out", str(out), "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +54,7 @@ def test_csv_schema(smoke_run):
 def test_every_provider_has_numbers_or_a_reason(smoke_run):
     _, rows, _ = smoke_run
     assert not [r for r in rows if r["metric"] == "error"]
-    for op in (SYM_KL, KL, PERTURB_TOKEN, PERTURB_SEQUENCE):
+    for op in (SYM_KL, KL, PERTURB_TOKEN, PERTURB_SEQUENCE, SMART_STEP):
         for provider in {p.name for p in op.providers(torch.device("cpu"))}:
             for mode in op.modes:
                 key = (op.name, provider, mode)
