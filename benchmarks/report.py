@@ -40,15 +40,17 @@ def _times(rows: list[dict]) -> dict[tuple, float]:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """speedup_vs_compile and speedup_vs_eager rows (time ratios within this run)."""
+    """Time ratios within this run: speedup_vs_compile and speedup_vs_eager for every op, and
+    for the end-to-end step speedup_vs_smart_pytorch and speedup_vs_floor (< 1: slower than
+    the model passes the method needs)."""
     times = _times(rows)
     out = []
     for (op, provider, mode, shape, dtype), ms in times.items():
-        for base in ("compile", "eager"):
+        for base in ("compile", "eager", "smart-pytorch", "floor"):
             ref = times.get((op, base, mode, shape, dtype))
             if ref is not None:
                 key = dict(zip(KEY_COLUMNS, (op, provider, mode, shape, dtype), strict=True))
-                out.append(row(key, f"speedup_vs_{base}", "x", ref / ms))
+                out.append(row(key, f"speedup_vs_{base.replace('-', '_')}", "x", ref / ms))
     return out
 
 
