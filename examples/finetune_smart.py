@@ -80,14 +80,14 @@ def missing(package: str, pip: str) -> SystemExit:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Plain fine-tuning vs SMART (paper rule + momentum teacher), several seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Plain fine-tuning vs SMART (paper rule + momentum teacher), several seeds. "
+        "Defaults in parentheses (CPU: where a CPU's differ).",
     )
-    p.add_argument("--model", default=None, help="HF model name or path (default: offline MiniLM)")
+    p.add_argument("--model", default=None, help="HF model name or path (offline MiniLM-L6)")
     p.add_argument(
         "--dataset",
         default=None,
-        help="HF datasets name such as glue/rte, or a local data folder (default: offline tweets)",
+        help="HF datasets name such as glue/rte, or a local data folder (offline tweets)",
     )
     p.add_argument("--train-size", type=int, default=None, help="training examples (1000)")
     p.add_argument("--eval-size", type=int, default=None, help="held-out examples (4000; CPU 2000)")
@@ -98,9 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="batch size (32)")
     p.add_argument("--max-len", type=int, default=None, help="max tokens per example (64)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (5e-5)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--smart-weight", type=float, default=1.0, help="λ_s, weight of R_s")
-    p.add_argument("--bregman-weight", type=float, default=1.0, help="μ, weight of D_Breg")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (cuda if available)")
+    p.add_argument("--smart-weight", type=float, default=1.0, help="λ_s, weight of R_s (1)")
+    p.add_argument("--bregman-weight", type=float, default=1.0, help="μ, weight of D_Breg (1)")
     p.add_argument(
         "--no-teacher", action="store_true", help="SMART without the momentum teacher (μ = 0)"
     )
@@ -108,9 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--group-by-length",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="batch examples of similar length (less padding; default: on for CPU only)",
+        help="batch examples of similar length: less padding (off; CPU on)",
     )
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split (0)")
     args = p.parse_args(argv)
     for name in ("train_size", "eval_size", "epochs", "batch_size", "max_len"):
         value = getattr(args, name)
