@@ -74,7 +74,10 @@ gpu-check:
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
-		-d .gpu-wheels pytest pluggy iniconfig packaging pygments tqdm liger-kernel
+		-d .gpu-wheels pytest pluggy iniconfig packaging pygments tqdm liger-kernel \
+		accelerate==1.15.0 smart-pytorch==0.0.4
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
+		--platform manylinux2014_x86_64 -d .gpu-wheels psutil
 
 clean:
 	rm -rf build build-cuda *.egg-info smart_kernels/_C*.so

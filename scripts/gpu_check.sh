@@ -34,7 +34,7 @@ except Exception as e:
     print("triton: not importable:", e)
 print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 PYEOF
-for pkg in tqdm liger_kernel; do  # offline: from .gpu-wheels (make gpu-wheels) if present
+for pkg in tqdm liger_kernel psutil accelerate smart_pytorch; do  # offline: from .gpu-wheels (make gpu-wheels) if present
   if ! $PY -c "import $pkg" 2>/dev/null && [ -d .gpu-wheels ]; then
     $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels "${pkg//_/-}" \
       >>"$OUT/env.txt" 2>&1 || echo "$pkg: not installable from .gpu-wheels (see $OUT/env.txt)"
