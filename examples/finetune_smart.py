@@ -340,6 +340,7 @@ def load_model(source: str, num_labels: int, seed: int, device: torch.device, pa
 
     torch.manual_seed(seed)  # the classifier head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    model = model.float()  # trained in fp32 whatever the stored dtype (e.g. fp16 GPU assets)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id
     return model.to(device)

