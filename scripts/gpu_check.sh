@@ -12,7 +12,9 @@
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
 # Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT; BENCH_OPS
-# (default all) picks the harness's ops, GPU_TESTS (default tests) the pytest paths.
+# (default all) picks the harness's ops and BENCH_ARGS adds options (e.g. --budget-ms 2000 for
+# smart_step), GPU_TESTS (default tests) the pytest paths; DEMO=1 (DEMO_ARGS, DEMO_TIMEOUT) runs
+# the demo.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -72,7 +74,7 @@ stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): re-render them where the CSV lands with
 # `python -m benchmarks.report $OUT/bench/results.csv`.
 timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
-  --op "${BENCH_OPS:-all}" \
+  --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
