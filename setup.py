@@ -55,7 +55,9 @@ def _extension():
     sources = sorted(
         glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")
     )
-    cxx = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is ignored
+    # without it (serial kernels); GOMP_* resolve to the libgomp that libtorch_cpu loads.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden"]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "smart_kernels._C", sources, extra_compile_args={"cxx": cxx}
