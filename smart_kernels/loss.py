@@ -22,14 +22,12 @@ embeddings and LayerNorm itself. Feeding the output of the whole embeddings modu
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from smart_kernels.ops._checks import check_choice, check_float_tensor
+from smart_kernels.ops._checks import check_choice, check_float_tensor, check_number
 from smart_kernels.ops.perturb import NORM_CODES, RULE_CODES, SCOPE_CODES, init_noise, perturb_step
 from smart_kernels.ops.sym_kl import REDUCTIONS, sym_kl
 
@@ -153,12 +151,10 @@ class SMARTLoss(nn.Module):
             check_choice("loss", loss, LOSSES)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps: expected an int >= 0, got {num_steps!r}")
-        for name, value in (("step_size", step_size), ("noise_std", noise_std), ("eps", eps)):
-            _check_nonneg(name, value)
-        if eps == 0:
-            raise ValueError("eps: expected a finite number > 0 (an all-zero group would be 0/0)")
-        if radius is not None:
-            _check_nonneg("radius", radius)
+        check_number("step_size", step_size)
+        check_number("noise_std", noise_std)
+        check_number("radius", radius, allow_none=True)
+        check_number("eps", eps, positive=True)  # > 0: an all-zero group would be 0/0
         check_choice("norm", norm, tuple(NORM_CODES))
         check_choice("scope", scope, tuple(SCOPE_CODES))
         check_choice("rule", rule, tuple(RULE_CODES))
@@ -238,10 +234,3 @@ class SMARTLoss(nn.Module):
             noise = perturb_step(noise.detach(), g, **step)
         adv = self.eval_fn(embed + noise, **eval_kwargs)
         return self.divergence(adv, logits, mask, self.grad)
-
-
-def _check_nonneg(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")

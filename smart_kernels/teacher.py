@@ -11,7 +11,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from smart_kernels.ops._checks import FLOAT_DTYPES
+from smart_kernels.ops._checks import FLOAT_DTYPES, check_unit_interval
 from smart_kernels.ops.ema import EmaPlan
 
 try:
@@ -171,7 +171,7 @@ class MomentumTeacher(nn.Module):
     @staticmethod
     def _make_schedule(decay, schedule, total_steps) -> Callable[[int], float]:
         if schedule is None:
-            value = _check_beta("decay", decay)
+            value = check_unit_interval("decay", decay)
             return lambda step: value
         if isinstance(schedule, str):
             if schedule != "paper":
@@ -194,7 +194,7 @@ class MomentumTeacher(nn.Module):
 
     def decay_at(self, step: int) -> float:
         """β of the update with index ``step`` (0-based), from the schedule."""
-        return _check_beta(f"schedule({step})", self._schedule(step))
+        return check_unit_interval(f"schedule({step})", self._schedule(step))
 
     @property
     def decay(self) -> float:
@@ -209,7 +209,7 @@ class MomentumTeacher(nn.Module):
     def set_decay(self, value: float) -> None:
         """Load β = ``value`` into :attr:`decay_tensor` (no host sync). The next :meth:`update`
         outside a graph capture reloads the schedule's value."""
-        self._load_decay(_check_beta("value", value))
+        self._load_decay(check_unit_interval("value", value))
 
     def advance(self) -> float:
         """For a captured :meth:`update`: load the β of the next update and count it; call before
@@ -304,7 +304,7 @@ class MomentumTeacher(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.step = int(state["step"])
-        self._load_decay(_check_beta("decay", state["decay"]), force=True)
+        self._load_decay(check_unit_interval("decay", state["decay"]), force=True)
 
     def extra_repr(self) -> str:
         return f"step={self.step}, decay={self._decay_value}"
@@ -316,12 +316,3 @@ def _is_not(a: object, b: object) -> bool:
 
 def _decay_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _check_beta(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a float in [0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
-    return value

@@ -37,7 +37,6 @@ Needs ``transformers`` (written against the stable Trainer API: ``compute_loss``
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import weakref
@@ -52,6 +51,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from smart_kernels.loss import SMARTLoss, bregman_loss
+from smart_kernels.ops._checks import check_number
 from smart_kernels.teacher import MomentumTeacher
 
 logger = logging.get_logger(__name__)
@@ -105,7 +105,7 @@ class SmartArguments:
 
     def __post_init__(self) -> None:
         for name in ("smart_weight", "bregman_weight"):
-            _check_nonneg(name, getattr(self, name))
+            check_number(name, getattr(self, name))
         for name in ("teacher", "mask_ignored_labels"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -387,10 +387,3 @@ def _is_regression(model: nn.Module, logits: torch.Tensor) -> bool:
     if problem is not None:
         return problem == "regression"
     return getattr(config, "num_labels", None) == 1 or logits.shape[-1] == 1
-
-
-def _check_nonneg(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")

@@ -3,6 +3,8 @@ argument, and never synchronizes the device (only metadata is read)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +15,30 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_number(
+    name: str, value: object, *, allow_none: bool = False, positive: bool = False
+) -> None:
+    """A finite real number >= 0 (> 0 if ``positive``; or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        extra = " or None" if allow_none else ""
+        raise TypeError(f"{name}: expected a number{extra}, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+
+
+def check_unit_interval(name: str, value: object, what: str = "a float in [0, 1]") -> float:
+    """A real number in [0, 1] (a decay / β), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
+    return value
 
 
 def check_float_tensor(name: str, t: object) -> None:
@@ -44,7 +70,7 @@ def check_logits_pair(input: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError("input: the last dimension (V, the number of classes) must be > 0")
 
 
-def check_row_mask(mask: object, like: torch.Tensor) -> None:
+def check_row_mask(mask: object, like: torch.Tensor, like_name: str = "input") -> None:
     """mask: None or a bool tensor of shape like.shape[:-1] on like's device."""
     if mask is None:
         return
@@ -54,8 +80,10 @@ def check_row_mask(mask: object, like: torch.Tensor) -> None:
         raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
     if mask.shape != like.shape[:-1]:
         raise ValueError(
-            f"mask: expected shape {tuple(like.shape[:-1])} (the leading dims of input), "
+            f"mask: expected shape {tuple(like.shape[:-1])} (the leading dims of {like_name}), "
             f"got {tuple(mask.shape)}"
         )
     if mask.device != like.device:
-        raise ValueError(f"mask: expected the device of input ({like.device}), got {mask.device}")
+        raise ValueError(
+            f"mask: expected the device of {like_name} ({like.device}), got {mask.device}"
+        )

@@ -26,7 +26,6 @@ per-pair PyTorch fallback (``reference.ema_update_``) after the fused update of 
 
 from __future__ import annotations
 
-import numbers
 import operator
 import weakref
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from smart_kernels import _backends, reference
-from smart_kernels.ops._checks import FLOAT_DTYPES
+from smart_kernels.ops._checks import FLOAT_DTYPES, check_unit_interval
 
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
@@ -136,12 +135,7 @@ def _check_decay(decay: object, device: torch.device | None) -> tuple[torch.Tens
         if decay.dtype not in (torch.float32, torch.float64):
             decay = decay.float()
         return decay, 0.0
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"decay: expected a float in [0, 1] or a 0-d tensor, got {decay!r}")
-    value = float(decay)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"decay: expected a value in [0, 1], got {value!r}")
-    return None, value
+    return None, check_unit_interval("decay", decay, "a float in [0, 1] or a 0-d tensor")
 
 
 def _as_list(name: str, tensors: object) -> Sequence[torch.Tensor]:

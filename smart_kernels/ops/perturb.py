@@ -14,12 +14,16 @@ the matching ``normalize_bwd``. Every op has a fake, so all run under
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from smart_kernels import _backends, reference
-from smart_kernels.ops._checks import check_choice, check_float_tensor, check_row_mask
+from smart_kernels.ops._checks import (
+    check_choice,
+    check_float_tensor,
+    check_number,
+    check_row_mask,
+)
 
 NORM_CODES = {"inf": 0, "l2": 1, "l1": 2}  # csrc/perturb_math.h
 SCOPE_CODES = {"token": 0, "sequence": 1}
@@ -129,20 +133,6 @@ if _backends._NATIVE_ERROR is None:
 # Validation (before any kernel; never reads device memory).
 
 
-def _check_number(
-    name: str, value: object, *, allow_none: bool = False, positive: bool = False
-) -> None:
-    """A finite real number >= 0 (> 0 if ``positive``; or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        extra = " or None" if allow_none else ""
-        raise TypeError(f"{name}: expected a number{extra}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
-
-
 def _check_embeddings(name: str, x: object, scope: str) -> None:
     check_float_tensor(name, x)
     need = 2 if scope == "sequence" else 1
@@ -151,13 +141,6 @@ def _check_embeddings(name: str, x: object, scope: str) -> None:
         raise ValueError(
             f"{name}: scope={scope!r} needs a tensor of shape {dims}, got {tuple(x.shape)}"
         )
-
-
-def _check_mask(mask: object, like: torch.Tensor, name: str) -> None:
-    try:
-        check_row_mask(mask, like)
-    except (TypeError, ValueError) as exc:  # the same checks, phrased for embeddings
-        raise type(exc)(str(exc).replace("of input", f"of {name}")) from None
 
 
 def _contig(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +178,7 @@ def normalize(
     check_choice("scope", scope, tuple(SCOPE_CODES))
     _check_embeddings("x", x, scope)
     check_choice("norm", norm, tuple(NORM_CODES))
-    _check_number("eps", eps, positive=True)
+    check_number("eps", eps, positive=True)
     name = _backends.choose(OP, backend, x.device)
     if x.numel() == 0:
         return x * 0  # empty (a group may even be empty): nothing to normalize, graph kept
@@ -254,10 +237,10 @@ def perturb_step(
         raise ValueError(f"grad: expected the device of noise ({noise.device}), got {grad.device}")
     check_choice("norm", norm, tuple(NORM_CODES))
     check_choice("rule", rule, tuple(RULE_CODES))
-    _check_number("step_size", step_size)
-    _check_number("radius", radius, allow_none=True)
-    _check_number("eps", eps, positive=True)
-    _check_mask(mask, noise, "noise")
+    check_number("step_size", step_size)
+    check_number("radius", radius, allow_none=True)
+    check_number("eps", eps, positive=True)
+    check_row_mask(mask, noise, "noise")
     name = _backends.choose(OP, backend, noise.device)
     noise, grad = noise.detach(), grad.detach()
     if noise.numel() == 0:
@@ -304,8 +287,8 @@ def init_noise(
     check_float_tensor("like", like)
     if like.dim() == 0:
         raise ValueError("like: expected a tensor of shape [..., H], got a 0-d tensor")
-    _check_number("std", std)
-    _check_mask(mask, like, "like")
+    check_number("std", std)
+    check_row_mask(mask, like, "like")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             kind = type(generator).__name__
