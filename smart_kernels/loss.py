@@ -56,11 +56,11 @@ def mse_loss(
     """Squared error between predictions [..., C] per row, ``sum_c (input - target)^2``, reduced
     like :func:`smart_kernels.sym_kl` (``batchmean``: over counted rows). ``grad="stop_grad"``
     gives each side the gradient it would get against the other detached (as sym_kl does)."""
-    diff = input - target
     if grad == "stop_grad":
         rows = 0.5 * ((input - target.detach()) ** 2 + (input.detach() - target) ** 2)
         rows = rows.sum(-1)
     else:
+        diff = input - target
         rows = (diff * diff).sum(-1)
     rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
     if mask is not None:
