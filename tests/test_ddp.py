@@ -22,6 +22,7 @@ Runs each kernel backend available on CPU (reference, native) inside the same tw
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import traceback
@@ -165,6 +166,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     """One DDP rank (spawned): trains with every backend, saves ``{backend}_rank{rank}.pt``."""
     import torch.distributed as dist
 
+    def reached(stage: str) -> None:  # the last stage each rank reached, for a crash report
+        with open(os.path.join(out_dir, f"stage_rank{rank}.txt"), "w") as f:
+            f.write(stage)
+
     try:
         torch.set_num_threads(1)
         dist.init_process_group(
@@ -175,8 +180,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for backend in BACKENDS:
                 result = train_ddp(rank, backend)
                 torch.save(result, os.path.join(out_dir, f"{backend}_rank{rank}.pt"))
+                reached(f"trained {backend}")
+            # Tear gloo down in lockstep with nothing of DDP left alive: a process group whose
+            # last reference dies during interpreter finalization, or a peer that closes its
+            # sockets while this rank is still in a collective, can make gloo's threads call
+            # std::terminate (seen once in CI as "terminate called without an active exception").
+            gc.collect()
+            dist.barrier()
         finally:
+            reached("destroying the process group")
             dist.destroy_process_group()
+            reached("destroyed the process group")
     except BaseException:
         with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
@@ -208,6 +222,7 @@ def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
         p.kill()
         p.join(5)
     errors = "".join(f.read_text() for f in sorted(out.glob("error_rank*.txt")))
+    errors += "".join(f"{f.stem}: {f.read_text()}\n" for f in sorted(out.glob("stage_rank*.txt")))
     assert not hung, f"DDP workers did not finish in {TIMEOUT_S + 10} s\n{errors}"
     assert all(p.exitcode == 0 for p in procs), (
         f"exit codes {[p.exitcode for p in procs]}\n{errors}"
