@@ -24,15 +24,38 @@ def close(x: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     return max_err(x, ref) <= rtol * ref.double().abs().max().item() + 1e-300
 
 
-def within_eager(x: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> bool:
+def within_eager(
+    x: torch.Tensor,
+    eager: torch.Tensor,
+    ref64: torch.Tensor,
+    undecided: torch.Tensor | None = None,
+) -> bool:
     """DESIGN §6 for bf16/fp16, element by element: |x - ref| <= 2 |eager - ref| + 1 ulp,
     where eager is PyTorch's own computation on the same low-precision inputs (the reference:
     fp32 arithmetic, one rounding at the end). Where noise + step * u nearly cancels, both
-    carry the fp32 rounding of the terms, many ulp of the tiny result."""
+    carry the fp32 rounding of the terms, many ulp of the tiny result. ``undecided`` (bool, like
+    x): elements whose exact value fp32 arithmetic cannot decide (see ``sign_undecided``), left
+    out."""
     err = (x.double() - ref64).abs()
     eager_err = (eager.double() - ref64).abs()
     eps, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
-    return bool((err <= 2 * eager_err + eps * ref64.abs() + tiny).all())
+    ok = err <= 2 * eager_err + eps * ref64.abs() + tiny
+    if undecided is not None:
+        ok |= undecided
+    return bool(ok.all())
+
+
+def sign_undecided(noise: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
+    """Where the sign of ``noise + step_size * grad`` (l1 ``normalize_sum``: the output is that
+    sign) is not fixed by fp32 arithmetic: |s| within 4 fp32 ulp of |noise| + |step * grad|.
+    There a fused multiply-add (GPU compilers contract ``d + step * g``), the two roundings of
+    eager PyTorch and the fp64 oracle (step_size not rounded to fp32) may each give another sign
+    of a value that is 0 to within the rounding of its terms. On fp16 inputs (a coarse grid)
+    near-exact cancellations occur a few times in 8M elements. Bool, like noise; asserted rare."""
+    d, t = noise.double(), step_size * grad.double()
+    undecided = (d + t).abs() <= 4 * torch.finfo(torch.float32).eps * (d.abs() + t.abs())
+    assert undecided.double().mean() < 1e-4, "sign_undecided must stay rare"
+    return undecided
 
 
 def embeddings(*shape, dtype=torch.float32, scale=1.0):
