@@ -37,12 +37,15 @@ GRAD_MODES = ("full", "stop_grad")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _rows_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
-    """The embeddings' token mask [B, T] as a mask of logits' rows: token-level logits [B, T, C]
-    take it as is; sequence-level logits [B, C] ignore it (every sequence counts)."""
-    if mask is None or mask.shape != logits.shape[:-1]:
+def _as_bool_mask(name: str, mask: object, shape: torch.Size, what: str) -> torch.Tensor | None:
+    """``mask`` (None, or a bool/int tensor of ``shape``) as a bool tensor; clear errors."""
+    if mask is None:
         return None
-    return mask
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor or None, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"{name}: expected shape {tuple(shape)} ({what}), got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def mse_loss(
@@ -116,11 +119,14 @@ class SMARTLoss(nn.Module):
         eps: added to the norms in ``normalize``.
         backend: kernel backend of the fused ops (None: auto).
 
-    ``forward(embed, logits, *, mask=None, **eval_kwargs)``:
+    ``forward(embed, logits, *, mask=None, loss_mask=None, **eval_kwargs)``:
         embed: word embeddings [B, T, H] that produced ``logits`` (with their graph);
         logits: ``eval_fn(embed)`` [B, C] or [B, T, C], with gradients to the model;
         mask: bool/int [B, T] (e.g. the attention mask): padding gets no noise and is left out
-            of the norms; for token-level logits it also masks the loss rows.
+            of the norms; for token-level logits it is also the default ``loss_mask``.
+        loss_mask: bool/int ``logits.shape[:-1]``: the rows of ℓ_s that count, in the ascent
+            steps and in R_s (e.g. the tokens that carry a label, where every attended token
+            still gets noise). Default: ``mask`` for token-level logits, else every row.
         Returns the scalar ``R_s``: the noise is initialised and moved by ``num_steps`` ascent
         steps, each differentiating only w.r.t. the noise (no parameter gradients accumulate),
         then ``ℓ_s(f(embed + δ), logits)`` is returned with gradients into the model. Nothing
@@ -183,12 +189,12 @@ class SMARTLoss(nn.Module):
         )
 
     def divergence(
-        self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, grad: str
+        self, input: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None, grad: str
     ) -> torch.Tensor:
-        """ℓ_s(input, target) as configured (``grad`` applies to the built-in losses)."""
+        """ℓ_s(input, target) over the rows ``rows`` (bool input.shape[:-1], None: all) as
+        configured (``grad`` and ``rows`` apply to the built-in losses)."""
         if callable(self.loss):
             return self.loss(input, target)
-        rows = _rows_mask(mask, input)
         if self.loss == "mse" or input.shape[-1] == 1:
             return mse_loss(input, target, reduction=self.reduction, mask=rows, grad=grad)
         return sym_kl(
@@ -201,21 +207,17 @@ class SMARTLoss(nn.Module):
         logits: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
         **eval_kwargs,
     ) -> torch.Tensor:
         check_float_tensor("embed", embed)
         check_float_tensor("logits", logits)
         if embed.dim() < 2:
             raise ValueError(f"embed: expected [..., T, H], got shape {tuple(embed.shape)}")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
-            if mask.shape != embed.shape[:-1]:
-                raise ValueError(
-                    f"mask: expected shape {tuple(embed.shape[:-1])} (embed's leading dims), "
-                    f"got {tuple(mask.shape)}"
-                )
-            mask = mask if mask.dtype == torch.bool else mask != 0
+        mask = _as_bool_mask("mask", mask, embed.shape[:-1], "embed's leading dims")
+        rows = _as_bool_mask("loss_mask", loss_mask, logits.shape[:-1], "logits' leading dims")
+        if rows is None and mask is not None and mask.shape == logits.shape[:-1]:
+            rows = mask  # token-level logits: padding rows do not count
         step = dict(
             step_size=self.step_size, radius=self.radius, norm=self.norm, scope=self.scope,
             rule=self.rule, eps=self.eps, mask=mask, backend=self.backend,
@@ -229,8 +231,8 @@ class SMARTLoss(nn.Module):
             # gradient, and the clean logits are a constant here.
             with torch.enable_grad():
                 adv = self.eval_fn(base + noise, **eval_kwargs)
-                inner = self.divergence(adv, target, mask, self.grad)
+                inner = self.divergence(adv, target, rows, self.grad)
                 (g,) = torch.autograd.grad(inner, noise)
             noise = perturb_step(noise.detach(), g, **step)
         adv = self.eval_fn(embed + noise, **eval_kwargs)
-        return self.divergence(adv, logits, mask, self.grad)
+        return self.divergence(adv, logits, rows, self.grad)

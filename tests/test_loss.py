@@ -40,10 +40,12 @@ def fixed_noise(like, std=1e-5, *, mask=None, generator=None, backend=None):
     return noise if mask is None else noise * mask.unsqueeze(-1)
 
 
-def manual_smart(model, embed, logits, mask, *, steps, step_size, radius):
+def manual_smart(model, embed, logits, mask, *, steps, step_size, radius, rows=None):
     """SMART written out with plain PyTorch from δ₀ = fixed_noise: S steps of
-    δ <- clamp(δ + η g / (max|g| + eps), -ε, ε) per token, then ℓ_s(f(x + δ), f(x))."""
-    rows = mask if (mask is not None and logits.dim() == 3) else None
+    δ <- clamp(δ + η g / (max|g| + eps), -ε, ε) per token, then ℓ_s(f(x + δ), f(x)) over
+    ``rows`` (default: ``mask`` for token-level logits)."""
+    if rows is None:
+        rows = mask if (mask is not None and logits.dim() == 3) else None
     noise = fixed_noise(embed, mask=mask)
     for _ in range(steps):
         noise.requires_grad_()
@@ -90,6 +92,37 @@ def test_matches_manual_smart(backend, token_level, steps, monkeypatch):
     for a, b in zip(ours_grads, ref_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
     assert ours.item() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loss_mask_separate_from_noise_mask(backend, monkeypatch):
+    """Token-level: every attended token gets noise; only the ``loss_mask`` rows (e.g. labelled
+    tokens) count in the ascent and in R_s. Differs from masking both with the row mask."""
+    monkeypatch.setattr(sk.loss, "init_noise", fixed_noise)
+    model, ids, mask = _batch(token_level=True)
+    rows = mask.clone()
+    rows[0, :3] = False
+    rows[2, 4:] = False
+    kw = dict(step_size=0.5, radius=0.05)
+
+    def mixed(e, m):  # tokens see each other: noise on a row-masked token still matters
+        return model(e + e.mean(-2, keepdim=True), m)
+
+    def run(fn):
+        model.zero_grad()
+        embed = model.word(ids)
+        loss = fn(embed, mixed(embed, mask))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    smart = sk.SMARTLoss(lambda e: mixed(e, mask), num_steps=1, backend=backend, **kw)
+    ours, ours_grads = run(lambda e, lg: smart(e, lg, mask=mask, loss_mask=rows.int()))
+    ref, ref_grads = run(lambda e, lg: manual_smart(mixed, e, lg, mask, steps=1, rows=rows, **kw))
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    both, _ = run(lambda e, lg: smart(e, lg, mask=rows))  # rows as the noise mask too
+    assert not torch.allclose(ours, both, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -205,6 +238,10 @@ def test_bad_forward_inputs():
     embed, logits = torch.randn(2, 3, 4), torch.randn(2, 4)
     with pytest.raises(ValueError, match="^mask:"):
         smart(embed, logits, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^loss_mask:"):
+        smart(embed, logits, loss_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="^loss_mask:"):
+        smart(embed, logits, loss_mask=[True, False])
     with pytest.raises(ValueError, match="^embed:"):
         smart(torch.randn(4), logits)
     with pytest.raises(TypeError, match="^embed:"):

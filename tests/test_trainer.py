@@ -281,21 +281,25 @@ def test_gradient_accumulation_scaling(tmp_path):
     torch.testing.assert_close(scaled, per_batch / 2, rtol=0, atol=1e-6)  # minus a loss ~1
 
 
-def test_token_mask(tmp_path):
-    """Noise / norm / row mask: the attention mask; with mask_ignored_labels, also labels != -100
-    (token-level labels only)."""
+def test_masks(tmp_path):
+    """Noise / norm mask: the attention mask. Rows of R_s and D_Breg: token-level logits, the
+    attention mask and, with mask_ignored_labels, labels != -100 too; sequence level: all."""
     batch = default_data_collator(make_data("token")[:4])
     embed = torch.zeros(4, T, 32)
+    tok_logits, seq_logits = torch.zeros(4, T, 3), torch.zeros(4, 3)
     am = batch["attention_mask"].bool()
     for flag, expected in ((False, am), (True, am & (batch["labels"] != -100))):
         trainer = SmartTrainer(
             model=make_model("token"), args=make_args(tmp_path),
             smart_args=SmartArguments(mask_ignored_labels=flag),
         )  # fmt: skip
-        assert torch.equal(trainer._token_mask(batch, embed), expected)
+        mask, rows = trainer._masks(batch, embed, tok_logits)
+        assert torch.equal(mask, am) and torch.equal(rows, expected)
         seq = default_data_collator(make_data("sequence")[:4])  # [B] labels: attention mask only
-        assert torch.equal(trainer._token_mask(seq, embed), seq["attention_mask"].bool())
-    assert trainer._token_mask({}, embed) is None
+        mask, rows = trainer._masks(seq, embed, seq_logits)
+        assert torch.equal(mask, seq["attention_mask"].bool()) and rows is None
+    assert trainer._masks({}, embed, tok_logits) == (None, None)
+    assert not torch.equal(am, am & (batch["labels"] != -100))  # the data has ignored labels
 
 
 def test_eval_loss_is_task_loss(tmp_path):

@@ -83,8 +83,8 @@ class SmartArguments:
             callable ``step -> β`` (``step``: updates done before this one, from 0).
         mask_ignored_labels: token-level tasks: also leave out of R_s and D_Breg the positions
             whose label is -100 (special tokens, continuation sub-words), not only padding; they
-            then also get no noise. Default: every attended token counts (R_s and D_Breg need no
-            label).
+            still get noise (they are real input tokens). Default: every attended token counts
+            (R_s and D_Breg need no label).
         backend: kernel backend of the fused ops (None: auto; ``"reference"``: pure PyTorch).
     """
 
@@ -276,18 +276,17 @@ class SmartTrainer(Trainer):
         label_keys = {"labels", *(self.label_names or ())}
         model_kwargs = {k: v for k, v in inputs.items() if k != "input_ids" and k not in label_keys}
         kind = "mse" if _is_regression(unwrapped, logits) else "sym_kl"
-        mask = self._token_mask(inputs, embed)
+        mask, rows = self._masks(inputs, embed, logits)
 
         extra = None
         if sa.smart_weight > 0:
             r_s = self._smart_losses[kind](
-                embed, logits, mask=mask, model=model, model_kwargs=model_kwargs
+                embed, logits, mask=mask, loss_mask=rows, model=model, model_kwargs=model_kwargs
             )
             extra = sa.smart_weight * r_s
             self._log_term("smart_loss", r_s)
         if self._teacher is not None:
             teacher_logits = _logits(self._teacher(input_ids=input_ids, **model_kwargs))
-            rows = mask if mask is not None and mask.shape == logits.shape[:-1] else None
             d_breg = bregman_loss(logits, teacher_logits, loss=kind, mask=rows, backend=sa.backend)
             term = sa.bregman_weight * d_breg
             extra = term if extra is None else extra + term
@@ -299,12 +298,19 @@ class SmartTrainer(Trainer):
             loss = loss + extra
         return (loss, outputs) if return_outputs else loss
 
-    def _token_mask(self, inputs: Mapping[str, Any], embed: torch.Tensor) -> torch.Tensor | None:
-        """bool [B, T]: the tokens that get noise and count in the norms (and, for token-level
-        logits, in the loss rows): the attention mask, and labels != -100 if asked."""
+    def _masks(
+        self, inputs: Mapping[str, Any], embed: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(tokens, rows): bool [B, T], the tokens that get noise and count in the norms (the
+        attention mask), and bool ``logits.shape[:-1]`` or None, the rows of R_s and D_Breg that
+        count: for token-level logits the attended tokens, and of those only the labelled ones
+        (labels != -100) if ``mask_ignored_labels``; for sequence-level logits every row."""
         tokens = embed.shape[:-1]
         am = inputs.get("attention_mask")
         mask = am != 0 if isinstance(am, torch.Tensor) and am.shape == tokens else None
+        if logits.shape[:-1] != tokens:
+            return mask, None
+        rows = mask
         labels = inputs.get("labels")
         if (
             self.smart_args.mask_ignored_labels
@@ -312,8 +318,8 @@ class SmartTrainer(Trainer):
             and labels.shape == tokens
         ):
             labeled = labels != IGNORE_INDEX
-            mask = labeled if mask is None else mask & labeled
-        return mask
+            rows = labeled if rows is None else rows & labeled
+        return mask, rows
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether the Trainer uses the returned loss as is under gradient accumulation (the task
