@@ -131,6 +131,11 @@ def _version(dist: str) -> str:
 
 
 def git_commit() -> str:
+    """``git describe --always --dirty`` of the checkout; ``SMART_KERNELS_GIT_COMMIT`` overrides
+    it where the checkout's .git is absent or stale (a copied working tree on a GPU machine)."""
+    override = os.environ.get("SMART_KERNELS_GIT_COMMIT", "").strip()
+    if override:
+        return override
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,

@@ -14,7 +14,8 @@
 # Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT; BENCH_OPS
 # (default all) picks the harness's ops and BENCH_ARGS adds options (e.g. --budget-ms 2000 for
 # smart_step), GPU_TESTS (default tests) the pytest paths; DEMO=1 (DEMO_ARGS, DEMO_TIMEOUT) runs
-# the demo.
+# the demo. SMART_KERNELS_GIT_COMMIT=<hash> records the commit in the results when the copied
+# tree's .git is missing or stale (pass the local `git rev-parse --short HEAD` in the command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
