@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from smart_kernels.ops._checks import check_choice, check_float_tensor, check_number
 from smart_kernels.ops.perturb import NORM_CODES, RULE_CODES, SCOPE_CODES, init_noise, perturb_step
@@ -57,14 +58,12 @@ def mse_loss(
     grad: str = "full",
 ) -> torch.Tensor:
     """Squared error between predictions [..., C] per row, ``sum_c (input - target)^2``, reduced
-    like :func:`smart_kernels.sym_kl` (``batchmean``: over counted rows). ``grad="stop_grad"``
-    gives each side the gradient it would get against the other detached (as sym_kl does)."""
-    if grad == "stop_grad":
-        rows = 0.5 * ((input - target.detach()) ** 2 + (input.detach() - target) ** 2)
-        rows = rows.sum(-1)
-    else:
-        diff = input - target
-        rows = (diff * diff).sum(-1)
+    like :func:`smart_kernels.sym_kl` (``batchmean``: over counted rows). ``grad`` is accepted
+    for symmetry with sym_kl: for the squared error the gradient each side gets against the
+    other detached, ``±2 (input - target)``, is the exact gradient, so both modes are one."""
+    check_choice("grad", grad, GRAD_MODES)
+    diff = input - target
+    rows = (diff * diff).sum(-1)
     rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
     if mask is not None:
         rows = torch.where(mask, rows, torch.zeros_like(rows))
@@ -90,10 +89,16 @@ def bregman_loss(
 ) -> torch.Tensor:
     """SMART's momentum Bregman term ``D_Breg = ℓ_s(f(x; θ), f(x; θ̃))``: ``logits`` [..., C] of
     the model, ``teacher_logits`` of the teacher (detached here: the teacher is not trained).
-    ``loss``: ``"sym_kl"`` (classification) or ``"mse"`` (regression); ``mask``: bool [...]."""
+    ``loss``: ``"sym_kl"`` (classification) or ``"mse"`` (regression; also used for logits
+    with one column, as in :class:`SMARTLoss`: a softmax over one class is constant, its
+    symmetric KL always 0); ``mask``: bool [...]. Teacher logits of another floating dtype
+    (e.g. fp32 from a teacher run outside autocast, bf16 student logits) are cast to ``logits``'
+    dtype."""
     check_choice("loss", loss, LOSSES)
-    target = teacher_logits.detach()
-    if loss == "mse":
+    check_float_tensor("logits", logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    target = teacher_logits.detach().to(logits.dtype)
+    if loss == "mse" or logits.shape[-1] == 1:
         return mse_loss(logits, target, reduction=reduction, mask=mask)
     return sym_kl(logits, target, reduction=reduction, mask=mask, backend=backend)
 
@@ -104,6 +109,8 @@ class SMARTLoss(nn.Module):
     Args:
         eval_fn: ``eval_fn(embed, **eval_kwargs) -> logits``: the model from (perturbed) word
             embeddings [B, T, H] to logits [B, C] (sequence level) or [B, T, C] (token level).
+            Under DDP, call the module inside the wrapper (``ddp_model.module``): the backward
+            of the task forward all-reduces every gradient (README, "Distributed training").
         loss: ``"sym_kl"`` (classification), ``"mse"`` (regression) or a callable
             ``loss(input, target) -> scalar``. Logits with a last dim of 1 use ``"mse"`` even
             when ``"sym_kl"`` is asked for (a softmax over one class is constant).
@@ -153,6 +160,11 @@ class SMARTLoss(nn.Module):
         super().__init__()
         if not callable(eval_fn):
             raise TypeError(f"eval_fn: expected a callable, got {type(eval_fn).__name__}")
+        if isinstance(eval_fn, DistributedDataParallel) and getattr(eval_fn, "static_graph", 0):
+            raise ValueError(
+                "eval_fn: a DDP module with static_graph=True expects one forward per backward; "
+                "the adversarial forwards would corrupt its gradients: pass eval_fn=model.module"
+            )
         if not callable(loss):
             check_choice("loss", loss, LOSSES)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:

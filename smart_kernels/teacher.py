@@ -165,6 +165,8 @@ class MomentumTeacher(nn.Module):
         self._decay = torch.full((), self._decay_value, dtype=_decay_dtype(device), device=device)
         self._student: _Tree | None = None
         self._plan: EmaPlan | None = None
+        # load_state_dict(assign=True) replaces the teacher's tensors: prepare the lists again.
+        self.register_load_state_dict_post_hook(_forget_plan)
 
     # ---- schedule -------------------------------------------------------------------------
 
@@ -308,6 +310,10 @@ class MomentumTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"step={self.step}, decay={self._decay_value}"
+
+
+def _forget_plan(module: MomentumTeacher, incompatible_keys: object) -> None:
+    module._plan = None
 
 
 def _is_not(a: object, b: object) -> bool:

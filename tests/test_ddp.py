@@ -42,6 +42,7 @@ VOCAB, HIDDEN, CLASSES, TOKENS, PER_RANK = 40, 16, 3, 6, 4
 SMART = dict(num_steps=1, step_size=0.1, noise_std=0.05, radius=0.2)
 LAMBDA_S, MU, LR, DECAY = 1.0, 1.0, 0.2, 0.5
 BACKENDS = [b for b in ("reference", "native") if b in CPU_BACKENDS]
+MODES = ("wrapper", "static")  # DDP defaults / static_graph=True (see train_ddp)
 TIMEOUT_S = 45  # the workers' deadline; a hang fails the test instead of blocking CI
 
 pytestmark = pytest.mark.skipif(
@@ -120,12 +121,22 @@ def state(model: nn.Module, teacher: sk.MomentumTeacher, terms: list) -> dict:
     }
 
 
-def train_ddp(rank: int, backend: str) -> dict:
+def train_ddp(rank: int, backend: str, mode: str) -> dict:
+    """``mode``: ``"wrapper"`` (DDP's defaults; the adversarial forwards go through the DDP
+    wrapper too) or ``"static"`` (``static_graph=True``; they go through ``.module``, which
+    SMARTLoss insists on)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(new_model())
+    model = DDP(new_model(), static_graph=mode == "static")
     teacher = sk.MomentumTeacher(model, decay=DECAY, backend=backend)
-    smart = make_smart(model, backend)  # the adversarial passes go through the DDP wrapper too
+    if mode == "static":
+        try:
+            sk.SMARTLoss(model, backend=backend)  # the DDP module itself as eval_fn
+        except ValueError as e:
+            assert str(e).startswith("eval_fn:"), e
+        else:
+            raise AssertionError("SMARTLoss took a static-graph DDP module as eval_fn")
+    smart = make_smart(model if mode == "wrapper" else model.module, backend)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     terms = []
     for step in range(STEPS):
@@ -163,7 +174,8 @@ def train_single(backend: str) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    """One DDP rank (spawned): trains with every backend, saves ``{backend}_rank{rank}.pt``."""
+    """One DDP rank (spawned): trains with every backend and mode, saves
+    ``{backend}_{mode}_rank{rank}.pt``."""
     import torch.distributed as dist
 
     def reached(stage: str) -> None:  # the last stage each rank reached, for a crash report
@@ -178,9 +190,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         )  # fmt: skip
         try:
             for backend in BACKENDS:
-                result = train_ddp(rank, backend)
-                torch.save(result, os.path.join(out_dir, f"{backend}_rank{rank}.pt"))
-                reached(f"trained {backend}")
+                for mode in MODES:
+                    result = train_ddp(rank, backend, mode)
+                    torch.save(result, os.path.join(out_dir, f"{backend}_{mode}_rank{rank}.pt"))
+                    reached(f"trained {backend} {mode}")
             # Tear gloo down in lockstep with nothing of DDP left alive: a process group whose
             # last reference dies during interpreter finalization, or a peer that closes its
             # sockets while this rank is still in a collective, can make gloo's threads call
@@ -205,7 +218,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
-    """{backend: [rank 0 result, rank 1 result]} from one 2-process run."""
+    """{(backend, mode): [rank 0 result, rank 1 result]} from one 2-process run."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("ddp")
@@ -228,8 +241,9 @@ def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
         f"exit codes {[p.exitcode for p in procs]}\n{errors}"
     )
     return {
-        b: [torch.load(out / f"{b}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+        (b, m): [torch.load(out / f"{b}_{m}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for b in BACKENDS
+        for m in MODES
     }
 
 
@@ -241,9 +255,10 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
         assert err <= atol, f"{what}: {name} differs by {err:.3g} (tolerance {atol})"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ddp_matches_single_process(ddp_results, backend):
-    ranks = ddp_results[backend]
+def test_ddp_matches_single_process(ddp_results, backend, mode):
+    ranks = ddp_results[backend, mode]
     # identical across ranks (bitwise: the same all-reduced gradient, the same update)
     for key in ("params", "teacher"):
         assert_same(ranks[0][key], ranks[1][key], 0.0, f"{key} rank 0 vs 1")

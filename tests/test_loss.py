@@ -168,6 +168,34 @@ def test_regression_and_mse(monkeypatch):
     assert torch.equal(a, b) and a.item() > 0
     x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     assert torch.allclose(sk.loss.mse_loss(x, y), ((x - y) ** 2).sum(-1).mean())
+    for grad in ("full", "stop_grad"):  # squared error: the two conventions are one
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        sk.loss.mse_loss(xg, yg, grad=grad, reduction="sum").backward()
+        assert torch.allclose(xg.grad, 2 * (x - y)) and torch.allclose(yg.grad, 2 * (y - x))
+
+
+def test_bregman_loss_casts_teacher_logits():
+    """bf16 student logits (autocast) against fp32 teacher logits: the teacher's are cast."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5).bfloat16().requires_grad_()
+    teacher = torch.randn(6, 5)
+    d = sk.bregman_loss(logits, teacher)
+    d.backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(d, sk.bregman_loss(logits, teacher.bfloat16()))
+    with pytest.raises(TypeError, match="^teacher_logits:"):
+        sk.bregman_loss(logits, torch.ones(6, 5, dtype=torch.long))
+
+
+def test_bregman_loss_one_column_is_squared_error():
+    """Regression logits [B, 1]: D_Breg is the squared error, as R_s (not a symmetric KL over
+    one class, which is always 0)."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(5, 1), torch.randn(5, 1)
+    d = sk.bregman_loss(logits, teacher)
+    assert d > 0
+    torch.testing.assert_close(d, sk.bregman_loss(logits, teacher, loss="mse"))
+    torch.testing.assert_close(d, ((logits - teacher) ** 2).mean())
 
 
 def test_custom_loss_callable():

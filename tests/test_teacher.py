@@ -264,6 +264,24 @@ def test_bf16_teacher(backend):
 # graph-capture helpers (the capture itself is tested on a GPU: test_ema_gpu.py)
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_after_updates_keeps_updating(assign):
+    """Loading into a teacher that has already updated (its lists are prepared): with
+    ``assign=True`` the teacher's tensors are replaced, and the next update must move them."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = sk.MomentumTeacher(model, decay=0.5)
+    teacher.update(model)  # the plan now points at the teacher's current tensors
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in teacher.state_dict().items()}
+    teacher.load_state_dict(saved, assign=assign)
+    train_step(model, opt)
+    expected = [0.5 * saved[f"module.{n}"] + 0.5 * p for n, p in model.named_parameters()]
+    teacher.update(model)
+    for e, t in zip(expected, teacher.module.parameters(), strict=True):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-6)
+
+
 def test_advance_and_set_decay():
     model = nn.Linear(3, 3)
     teacher = sk.MomentumTeacher(model, schedule=lambda s: 0.1 * (s + 1))

@@ -163,6 +163,25 @@ def test_teacher_is_ema_of_trajectory_once_per_optimizer_step(tmp_path):
     assert any(not torch.equal(teacher[n], capture.steps[-1][n]) for n in teacher)
 
 
+@pytest.mark.parametrize("skipped", [False, True])
+def test_no_teacher_update_when_the_optimizer_step_was_skipped(tmp_path, monkeypatch, skipped):
+    """fp16 loss scaling skips the optimizer step on inf/NaN gradients; the Trainer still calls
+    on_step_end. The teacher then neither moves nor advances its β schedule."""
+    model = make_model("sequence")
+    trainer = SmartTrainer(model=model, args=make_args(tmp_path), smart_args=SmartArguments())
+    teacher = trainer.create_teacher()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = params(teacher.module)
+    accelerator = type(trainer.accelerator)
+    monkeypatch.setattr(accelerator, "optimizer_step_was_skipped", property(lambda a: skipped))
+    trainer._update_teacher()
+    assert teacher.step == (0 if skipped else 1)
+    moved = any(not torch.equal(before[n], p) for n, p in teacher.module.named_parameters())
+    assert moved != skipped
+
+
 def test_paper_schedule_uses_max_steps(tmp_path):
     trainer = SmartTrainer(
         model=make_model("sequence"), args=make_args(tmp_path, max_steps=20),
@@ -279,6 +298,36 @@ def test_gradient_accumulation_scaling(tmp_path):
         scaled = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(4)) - task
     assert per_batch > 0
     torch.testing.assert_close(scaled, per_batch / 2, rtol=0, atol=1e-6)  # minus a loss ~1
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """2 micro-batches of 2 accumulated = 1 batch of 4: the same parameters and teacher after
+    each optimizer step, with D_Breg on (the teacher has moved after the first step). Without
+    SmartTrainer's model_accepts_loss_kwargs = False, transformers 5 leaves BERT's mean loss
+    undivided under accumulation (twice the gradient)."""
+    smart = SmartArguments(smart_weight=0.0, bregman_weight=1.0, teacher_schedule=0.5)
+    runs = []
+    for ga, batch in ((1, 4), (2, 2)):
+        model = make_model("sequence", dropout=0.0)
+        capture = Capture(model)
+        args = make_args(
+            tmp_path, f"ga{ga}", max_steps=3, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=ga, learning_rate=0.5, optim="sgd",
+        )  # fmt: skip
+        trainer = SmartTrainer(
+            model=model, args=args, train_dataset=make_data("sequence"), smart_args=smart,
+            callbacks=[capture],
+        )  # fmt: skip
+        trainer.train()
+        runs.append((capture.steps, params(trainer.teacher.module)))
+    (steps1, teacher1), (steps2, teacher2) = runs
+    assert len(steps1) == len(steps2) == 3
+    for a, b in zip(steps1, steps2, strict=True):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+    for n in teacher1:
+        torch.testing.assert_close(teacher1[n], teacher2[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert any(not torch.equal(steps1[0][n], steps1[-1][n]) for n in steps1[0])  # it trained
 
 
 def test_masks(tmp_path):

@@ -24,9 +24,19 @@ accumulation; a ``TrainerCallback.on_step_end``), saved as ``teacher.pt`` by ``s
 every checkpoint folder and next to the final model) and restored by
 ``train(resume_from_checkpoint=...)``. Evaluation and prediction use the plain task loss.
 
-Gradient accumulation: ``R_s`` and ``D_Breg`` are means over each micro-batch; they are scaled so
-that their accumulated gradient is that of their mean over the accumulated micro-batches, whether
-or not the Trainer divides the returned loss by the number of accumulation steps.
+Gradient accumulation: the task loss, ``R_s`` and ``D_Breg`` are means over each micro-batch and
+the Trainer divides their sum by the accumulation steps: SmartTrainer sets
+``model_accepts_loss_kwargs = False`` (classification heads ignore ``num_items_in_batch``; with it
+on, the Trainer would leave their mean undivided and scale it by the number of processes). With a
+``compute_loss_func`` (or ``model_accepts_loss_kwargs`` set back to True for a model whose loss
+is normalized by ``num_items_in_batch``), the SMART terms are divided by the accumulation steps
+themselves, so their accumulated gradient stays that of their mean.
+
+DDP: the adversarial forwards of ``R_s`` run through the module inside the DDP wrapper (DDP
+expects one forward per backward; ``ddp_static_graph=True`` would otherwise silently corrupt the
+gradients); the backward's gradients are all-reduced as usual.
+
+The teacher is not updated when the optimizer skipped its step (fp16 loss-scale overflow).
 
 Logged with the training loss (unweighted means over the micro-batches since the last log, on this
 process): ``smart_loss`` (R_s) and ``bregman_loss`` (D_Breg).
@@ -46,6 +56,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -172,6 +183,13 @@ class SmartTrainer(Trainer):
         self._smart_log_sums: dict[str, torch.Tensor] = {}
         self._smart_log_count = 0
         super().__init__(*args, **kwargs)
+        if self.compute_loss_func is None:
+            # Sequence / token classification heads return a mean over the micro-batch and
+            # ignore num_items_in_batch; a model whose forward takes **kwargs would make the
+            # Trainer skip dividing by the accumulation steps (and multiply by the number of
+            # processes), scaling the task loss by GA·N. Off: the Trainer divides the whole
+            # objective (task loss and SMART terms alike) by the accumulation steps.
+            self.model_accepts_loss_kwargs = False
         self.add_callback(_TeacherCallback(self))
 
     # ---- the teacher ----------------------------------------------------------------------
@@ -218,7 +236,9 @@ class SmartTrainer(Trainer):
             )
 
     def _update_teacher(self) -> None:
-        if self._teacher is not None:
+        # No update (and no step of the β schedule) when the optimizer skipped its step (fp16
+        # loss scaling found inf/NaN gradients): the parameters did not move.
+        if self._teacher is not None and not self.accelerator.optimizer_step_was_skipped:
             self._teacher.update(self.model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -280,9 +300,15 @@ class SmartTrainer(Trainer):
 
         extra = None
         if sa.smart_weight > 0:
+            # The adversarial forwards bypass a DDP wrapper (its hooks still all-reduce the
+            # gradients of the one backward): DDP expects one forward per backward, and with
+            # static_graph=True extra forwards through it give wrong gradients without an error.
+            # Other wrappers (FSDP) stay: their forward gathers the parameters.
+            adv_model = model.module if isinstance(model, DistributedDataParallel) else model
             r_s = self._smart_losses[kind](
-                embed, logits, mask=mask, loss_mask=rows, model=model, model_kwargs=model_kwargs
-            )
+                embed, logits, mask=mask, loss_mask=rows, model=adv_model,
+                model_kwargs=model_kwargs,
+            )  # fmt: skip
             extra = sa.smart_weight * r_s
             self._log_term("smart_loss", r_s)
         if self._teacher is not None:
