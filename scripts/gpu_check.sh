@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
 #
 # The issue-6 run (SMARTLoss, demo, smart_step; carry [".gpu-wheels", ".gpu-demo"] after
-# `make gpu-wheels gpu-demo-assets`), about 9 minutes on an H100:
+# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 6-9 minutes on an H100:
 #   OUT=$OUT SMART_KERNELS_GIT_COMMIT=<local short hash> DEMO=1 PROBE=0 \
 #     BENCH_OPS=smart_step,perturb_step BENCH_ARGS="--budget-ms 2000" bash scripts/gpu_check.sh
 #
