@@ -238,6 +238,31 @@ def test_row_mask(backend, reduction, op):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["column", "strided", "expanded", "broadcast"])
+@pytest.mark.parametrize("op", ["sym_kl", "kl"])
+def test_non_contiguous_row_mask(backend, layout, op):
+    """A mask that is a strided or stride-0 view (reshape(-1) keeps it a view) selects the same
+    rows as its contiguous copy."""
+    if layout == "column":  # 1-D rows [6] from a column of a [6, 2] mask, stride 2
+        big = torch.rand(6, 2) > 0.5
+        big[:2, 0] = torch.tensor([True, False])
+        mask, shape = big[:, 0], (6, 17)
+    elif layout == "strided":  # [3, 4] from every other column of [3, 8]
+        big = torch.rand(3, 8) > 0.5
+        big[0, :4] = torch.tensor([True, False, True, False])
+        mask, shape = big[:, ::2], (3, 4, 17)
+    elif layout == "expanded":  # one sequence mask [4] broadcast to [3, 4], stride (0, 1)
+        mask, shape = torch.tensor([True, False, True, True]).expand(3, 4), (3, 4, 17)
+    else:  # one flag for all rows, stride 0 (a kernel reading mask_ptr + row runs off it)
+        mask, shape = torch.tensor([False]).expand(9), (9, 17)
+    assert not mask.is_contiguous()
+    out, ref, (a, a64), (b, b64) = run_both(op, shape, torch.float32, backend, "none", mask=mask)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(a.grad, a64.grad) <= 1e-5 and rel_err(b.grad, b64.grad) <= 1e-5
+    assert (out[~mask] == 0).all() and (a.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_masked_gives_zero(backend, reduction):
     a = logits(4, 9).requires_grad_()

@@ -362,6 +362,7 @@ def sym_kl_fwd(
     accumulation dtype, as ``torch.ops.smart_kernels.sym_kl_fwd``.
     """
     N, V = input.shape
+    mask = None if mask is None else mask.contiguous()  # the kernel reads mask_ptr + row
     acc = acc_dtype(input.dtype)
     rows = input.new_empty((N,), dtype=acc)
     stats = input.new_empty((N, STATS_PER_ROW), dtype=acc)
@@ -399,6 +400,7 @@ def sym_kl_bwd(
     Returns ([N, V] or empty, [N, V] or empty) in the input dtype.
     """
     N, V = input.shape
+    mask = None if mask is None else mask.contiguous()  # the kernel reads mask_ptr + row
     ga = input.new_empty((N, V) if need_input else (0,))
     gb = input.new_empty((N, V) if need_target else (0,))
     if N == 0 or not (need_input or need_target):
