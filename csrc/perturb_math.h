@@ -116,8 +116,10 @@ SK_HD acc step_output(acc d, acc g, acc scale1, acc factor2, const StepParams& p
   }
   const acc s = paper_sum(d, g, scale1, p);
   if (p.norm == kInf) {
+    // clamp(s, -r, r), NaN passes through; as max then min (r >= 0): CPU min/max instructions
     const acc r = acc(p.radius);
-    return s > r ? r : (s < -r ? -r : s);  // NaN passes through
+    const acc lo = -r > s ? -r : s;
+    return r < lo ? r : lo;
   }
   return s * factor2;
 }

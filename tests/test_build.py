@@ -109,3 +109,39 @@ print("ok")
     for isa in ("base", "auto"):
         proc = run_py(code, SMART_KERNELS_CPU_ISA=isa)
         assert proc.returncode == 0, (isa, proc.stderr)
+
+
+@pytest.mark.skipif("native" not in KERNEL_BACKENDS_CPU, reason="native backend not built")
+def test_baseline_perturb_kernels_match_oracle():
+    """normalize / perturb_step per ISA: the baseline copy and the AVX2 one match the oracle."""
+    code = """
+import torch, smart_kernels as sk
+from smart_kernels import reference
+torch.manual_seed(0)
+for shape, scope in (((3, 5, 1000), "token"), ((2, 20, 1000), "sequence")):
+    for dtype in (torch.float32, torch.bfloat16):
+        noise = (torch.randn(shape, dtype=torch.float64) * 1e-5).to(dtype)
+        grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+        mask = torch.rand(shape[:-1]) > 0.3
+        for norm in ("inf", "l2", "l1"):
+            y = sk.normalize(grad, norm=norm, scope=scope, backend="native")
+            cases = [(y, reference.normalize(grad, norm=norm, scope=scope),
+                      reference.normalize(grad.double(), norm=norm, scope=scope))]
+            for rule in ("paper", "normalize_sum"):
+                kw = dict(norm=norm, scope=scope, rule=rule, radius=6e-4, mask=mask)
+                out = sk.perturb_step(noise, grad, backend="native", **kw)
+                cases.append((out, reference.perturb_step(noise, grad, **kw),
+                              reference.perturb_step(noise.double(), grad.double(), **kw)))
+            for out, eager, ref in cases:
+                err = (out.double() - ref).abs()
+                if dtype == torch.float32:
+                    assert err.max() <= 1e-5 * ref.abs().max(), (scope, norm, err.max())
+                else:
+                    ok = err <= 2 * (eager.double() - ref).abs() + 2**-8 * ref.abs() + 1e-38
+                    assert ok.all(), (scope, norm)
+print("ok")
+"""
+    for isa in ("base", "auto"):
+        proc = run_py(code, SMART_KERNELS_CPU_ISA=isa)
+        assert proc.returncode == 0, (isa, proc.stderr)
+        assert proc.stdout.strip().endswith("ok")

@@ -27,8 +27,13 @@
 // then the output is written in parallel over chunks. normalize_bwd reduces in one pass
 // (max|x|, its tie count c, <g, x>) for inf or (sum x^2, <g, x>) for l2; (max, count) pairs
 // merge by keeping the count of the larger max (the sum of both when equal). Max reductions
-// propagate NaN (nan_max), as torch.amax does. With a mask that keeps every token the results
-// are bit-identical to no mask.
+// propagate NaN (nan_max), as torch.amax does; max|v| (normalize and perturb_step, inf) runs as
+// an integer max of the bit patterns with the sign cleared, exact in any order. With a mask
+// that keeps every token the results are bit-identical to no mask.
+// This file holds the checks and the threading; the group kernels (the reductions of a chunk,
+// the output) are in perturb_groups_impl.h, compiled once per instruction set
+// (perturb_groups_<isa>.cpp): the AVX2 + FMA copy runs when the CPU has them (isa.h; FMA
+// contracts d + step * u there), the baseline copy otherwise or with SMART_KERNELS_CPU_ISA=base.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -37,415 +42,81 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "../acc_type.h"
 #include "../perturb_math.h"
+#include "isa.h"
+#include "perturb_groups.h"
 
 namespace smart_kernels {
 namespace {
 
 using perturb::kInf;
 using perturb::kL1;
-using perturb::kL2;
 using perturb::kNormalizeSum;
 using perturb::kPaper;
 using perturb::kSequence;
 using perturb::kToken;
-using perturb::nan_max;
 using perturb::StepParams;
-
-// Inline every call of the hot loops (GCC otherwise keeps e.g. step_output out of line in some
-// instantiations, and a call in a loop stops its vectorization).
-#if defined(__GNUC__)
-#define SK_FLATTEN __attribute__((flatten))
-#else
-#define SK_FLATTEN
-#endif
-
-constexpr int kLanes = 16;
-constexpr int64_t kBlock = 1024;
-constexpr int64_t kChunk = 16 * kBlock;
-constexpr int64_t kTaskElems = 32768;  // elements per task, at least, when groups are small
-
-// ---- traversal ------------------------------------------------------------------------------
-
-// Calls fn(l, i) for i in [a, b) with lane l = (i - base) % kLanes. The main loop's body is
-// kLanes independent lanes; `omp simd` has GCC vectorize it as a loop (left to the SLP
-// vectorizer after full unrolling, the selects of nan_max and of the tie count stay branches).
-template <typename Fn>
-inline void lane_loop(int64_t a, int64_t b, int64_t base, const Fn& fn) {
-  int64_t i = a;
-  for (int l = static_cast<int>((a - base) % kLanes); l > 0 && l < kLanes && i < b; ++l, ++i) {
-    fn(l, i);
-  }
-  for (; i + kLanes <= b; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) fn(l, i + l);
-  }
-  for (int l = 0; i < b; ++l, ++i) fn(l, i);
-}
-
-// Calls kept(a, b) / masked(a, b) for the maximal runs of [c0, c1) whose tokens (H elements
-// each) are kept / masked; all of [c0, c1) is kept without a mask.
-template <typename Kept, typename Masked>
-inline void for_each_run(int64_t c0, int64_t c1, int64_t H, const bool* mask, const Kept& kept,
-                         const Masked& masked) {
-  if (c0 >= c1) return;
-  if (mask == nullptr) {
-    kept(c0, c1);
-    return;
-  }
-  int64_t r = c0 / H;
-  const int64_t r_last = (c1 - 1) / H;
-  while (r <= r_last) {
-    const bool keep = mask[r];
-    const int64_t first = r;
-    while (r <= r_last && mask[r] == keep) ++r;
-    const int64_t a = std::max(c0, first * H), b = std::min(c1, r * H);
-    if (keep) {
-      kept(a, b);
-    } else {
-      masked(a, b);
-    }
-  }
-}
-
-// Visits the kept elements of [c0, c1) block by block: visit(l, i) for each (lane l), then
-// block_done() after each block.
-template <typename Visit, typename BlockDone>
-inline void for_each_block(int64_t c0, int64_t c1, int64_t H, const bool* mask,
-                           const Visit& visit, const BlockDone& block_done) {
-  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
-    const int64_t b1 = std::min(b0 + kBlock, c1);
-    for_each_run(
-        b0, b1, H, mask, [&](int64_t a, int64_t b) { lane_loop(a, b, b0, visit); },
-        [](int64_t, int64_t) {});
-    block_done();
-  }
-}
-
-// A chunk's (or a group's) reduction result, in double. r: the max or the sum; ties and dot:
-// only for normalize_bwd.
-struct Partial {
-  double r = 0, ties = 0, dot = 0;
-};
-
-// Fold of combine over term(i) for the kept i of [c0, c1) (identity 0), in the fixed order of
-// the module comment. combine is a generic callable (used in acc_t and in double).
-template <typename acc_t, typename Term, typename Combine>
-SK_FLATTEN double fold_chunk(int64_t c0, int64_t c1, int64_t H, const bool* mask,
-                             const Term& term, const Combine& combine) {
-  acc_t lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, acc_t(0));
-  double total = 0;
-  for_each_block(
-      c0, c1, H, mask, [&](int l, int64_t i) { lanes[l] = combine(lanes[l], term(i)); },
-      [&] {
-        acc_t block = lanes[0];
-        for (int l = 1; l < kLanes; ++l) block = combine(block, lanes[l]);
-        total = combine(total, static_cast<double>(block));
-        std::fill(lanes, lanes + kLanes, acc_t(0));
-      });
-  return total;
-}
+using perturb_cpu::GroupArgs;
+using perturb_cpu::GroupKernels;
+using perturb_cpu::GroupState;
+using perturb_cpu::kChunk;
+using perturb_cpu::kTaskElems;
+using perturb_cpu::Partial;
 
 // ---- the group driver -----------------------------------------------------------------------
 
-// Runs an op on G groups of L elements. The op defines State (per group, default-constructed),
-// stages() (number of reductions), reduce(stage, c0, c1, state) -> Partial of a chunk,
-// merge(stage, a, b) -> Partial, finish(stage, total, state) and apply(c0, c1, state).
-template <typename Op>
-void run_groups(const Op& op, int64_t G, int64_t L) {
-  using State = typename Op::State;
+// The kernels of this CPU's instruction set (isa.h).
+template <typename Fn, typename... Args>
+GroupKernels pick(Fn base_fn, Fn avx2_fn, Args... args) {
+  return cpu_use_avx2() ? avx2_fn(args...) : base_fn(args...);
+}
+
+// Runs an op on G groups of L elements (module comment): groups of at most kChunk elements one
+// task per run of groups, larger ones stage by stage over chunks.
+void run_groups(const GroupKernels& k, const GroupArgs& args, int64_t G, int64_t L) {
   if (G == 0 || L == 0) return;
-  const int stages = op.stages();
   if (L <= kChunk) {
     const int64_t grain = std::max<int64_t>(1, kTaskElems / L);
-    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-      for (int64_t gi = g0; gi < g1; ++gi) {
-        const int64_t c0 = gi * L, c1 = c0 + L;
-        State st{};
-        for (int s = 0; s < stages; ++s) op.finish(s, op.reduce(s, c0, c1, st), st);
-        op.apply(c0, c1, st);
-      }
-    });
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) { k.groups(args, g0, g1, L); });
     return;
   }
+  const int stages = k.stages(args);
   const int64_t per_group = (L + kChunk - 1) / kChunk, total = G * per_group;
-  std::vector<State> states(G);
+  std::vector<GroupState> states(G);
   std::vector<Partial> parts(total);
-  const auto bounds = [&](int64_t k, int64_t* c0, int64_t* c1) {
-    const int64_t gi = k / per_group;
-    *c0 = gi * L + (k % per_group) * kChunk;
+  const auto bounds = [&](int64_t c, int64_t* c0, int64_t* c1) {
+    const int64_t gi = c / per_group;
+    *c0 = gi * L + (c % per_group) * kChunk;
     *c1 = std::min(*c0 + kChunk, (gi + 1) * L);
   };
   for (int s = 0; s < stages; ++s) {
     at::parallel_for(0, total, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t c = k0; c < k1; ++c) {
         int64_t c0, c1;
-        bounds(k, &c0, &c1);
-        parts[k] = op.reduce(s, c0, c1, states[k / per_group]);
+        bounds(c, &c0, &c1);
+        parts[c] = k.reduce(args, s, c0, c1, states[c / per_group]);
       }
     });
-    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t gi = g0; gi < g1; ++gi) {
-        Partial t = parts[gi * per_group];
-        for (int64_t j = 1; j < per_group; ++j) t = op.merge(s, t, parts[gi * per_group + j]);
-        op.finish(s, t, states[gi]);
-      }
-    });
+    // Per group: fold its chunks' partials in order (a few per group: no threads needed).
+    for (int64_t gi = 0; gi < G; ++gi) {
+      Partial t = parts[gi * per_group];
+      for (int64_t j = 1; j < per_group; ++j) t = k.merge(args, s, t, parts[gi * per_group + j]);
+      k.finish(args, s, t, states[gi]);
+    }
   }
   at::parallel_for(0, total, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = k0; c < k1; ++c) {
       int64_t c0, c1;
-      bounds(k, &c0, &c1);
-      op.apply(c0, c1, states[k / per_group]);
+      bounds(c, &c0, &c1);
+      k.apply(args, c0, c1, states[c / per_group]);
     }
   });
 }
 
-inline Partial merge_max(const Partial& a, const Partial& b) { return {nan_max(a.r, b.r), 0, 0}; }
-inline Partial merge_sum(const Partial& a, const Partial& b) { return {a.r + b.r, 0, 0}; }
-
-// (max, ties) pairs: the count of the larger max (both counts when equal); NaN propagates (its
-// count is irrelevant: everything downstream is NaN).
-template <typename T>
-inline void merge_ties(T& m, T& c, T m2, T c2) {
-  const T nm = nan_max(m, m2);
-  c = (m == nm ? c : T(0)) + (m2 == nm ? c2 : T(0));
-  m = nm;
-}
-
-// ---- normalize ------------------------------------------------------------------------------
-
-// Reduction of normalize: max|x| (inf) or sum x^2 (l2); none for l1.
-template <typename scalar_t, int NORM>
-struct NormalizeOp {
-  using acc_t = typename AccType<scalar_t>::type;
-  struct State {
-    acc_t r = 0;
-  };
-  const scalar_t* x;
-  scalar_t* y;
-  int64_t H;
-  double eps;
-
-  int stages() const { return NORM == kL1 ? 0 : 1; }
-  SK_FLATTEN Partial reduce(int, int64_t c0, int64_t c1, const State&) const {
-    const scalar_t* xp = x;
-    if constexpr (NORM == kInf) {
-      const auto term = [xp](int64_t i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        return v < acc_t(0) ? -v : v;
-      };
-      return {fold_chunk<acc_t>(c0, c1, H, nullptr, term,
-                                [](auto a, auto b) { return nan_max(a, b); }),
-              0, 0};
-    } else {
-      const auto term = [xp](int64_t i) {
-        const acc_t v = static_cast<acc_t>(xp[i]);
-        return v * v;
-      };
-      return {fold_chunk<acc_t>(c0, c1, H, nullptr, term, [](auto a, auto b) { return a + b; }),
-              0, 0};
-    }
-  }
-  Partial merge(int, const Partial& a, const Partial& b) const {
-    return NORM == kInf ? merge_max(a, b) : merge_sum(a, b);
-  }
-  void finish(int, const Partial& t, State& st) const { st.r = static_cast<acc_t>(t.r); }
-  SK_FLATTEN void apply(int64_t c0, int64_t c1, const State& st) const {
-    const acc_t r = st.r;
-    const double e = eps;
-    const scalar_t* xp = x;
-    scalar_t* yp = y;
-    for (int64_t i = c0; i < c1; ++i) {
-      yp[i] = static_cast<scalar_t>(
-          perturb::normalize_output<acc_t>(static_cast<acc_t>(xp[i]), r, NORM, e));
-    }
-  }
-};
-
-// Backward of normalize (inf / l2): one pass reduces (max|x| with its tie count, <g, x>) or
-// (sum x^2, <g, x>), then dx = normalize_grad(...).
-template <typename scalar_t, int NORM>
-struct NormalizeBwdOp {
-  using acc_t = typename AccType<scalar_t>::type;
-  struct State {
-    acc_t r = 0, dot = 0, ties = 1;
-  };
-  const scalar_t* g;
-  const scalar_t* x;
-  scalar_t* dx;
-  int64_t H;
-  double eps;
-
-  int stages() const { return 1; }
-  SK_FLATTEN Partial reduce(int, int64_t c0, int64_t c1, const State&) const {
-    const scalar_t* gp = g;
-    const scalar_t* xp = x;
-    acc_t m[kLanes], c[kLanes], dot[kLanes];
-    std::fill(m, m + kLanes, acc_t(0));
-    std::fill(c, c + kLanes, acc_t(0));
-    std::fill(dot, dot + kLanes, acc_t(0));
-    Partial total;
-    for_each_block(
-        c0, c1, H, nullptr,
-        [&](int l, int64_t i) {
-          const acc_t xv = static_cast<acc_t>(xp[i]);
-          const acc_t gv = static_cast<acc_t>(gp[i]);
-          dot[l] += gv * xv;
-          if constexpr (NORM == kInf) {
-            const acc_t a = xv < acc_t(0) ? -xv : xv;
-            const acc_t nm = nan_max(m[l], a);
-            c[l] = a == nm ? (m[l] == nm ? c[l] + acc_t(1) : acc_t(1)) : c[l];
-            m[l] = nm;
-          } else {
-            m[l] += xv * xv;
-          }
-        },
-        [&] {
-          acc_t bm = m[0], bc = c[0], bd = dot[0];
-          for (int l = 1; l < kLanes; ++l) {
-            if constexpr (NORM == kInf) {
-              merge_ties(bm, bc, m[l], c[l]);
-            } else {
-              bm += m[l];
-            }
-            bd += dot[l];
-          }
-          const Partial blk{static_cast<double>(bm), static_cast<double>(bc),
-                            static_cast<double>(bd)};
-          total = merge(0, total, blk);
-          std::fill(m, m + kLanes, acc_t(0));
-          std::fill(c, c + kLanes, acc_t(0));
-          std::fill(dot, dot + kLanes, acc_t(0));
-        });
-    return total;
-  }
-  Partial merge(int, const Partial& a, const Partial& b) const {
-    Partial t = a;
-    if constexpr (NORM == kInf) {
-      merge_ties(t.r, t.ties, b.r, b.ties);
-    } else {
-      t.r += b.r;
-    }
-    t.dot += b.dot;
-    return t;
-  }
-  void finish(int, const Partial& t, State& st) const {
-    st.r = static_cast<acc_t>(t.r);
-    st.dot = static_cast<acc_t>(t.dot);
-    st.ties = static_cast<acc_t>(t.ties);
-  }
-  SK_FLATTEN void apply(int64_t c0, int64_t c1, const State& st) const {
-    const acc_t r = st.r, dot = st.dot, ties = st.ties;
-    const double e = eps;
-    const scalar_t* gp = g;
-    const scalar_t* xp = x;
-    scalar_t* op = dx;
-    for (int64_t i = c0; i < c1; ++i) {
-      op[i] = static_cast<scalar_t>(perturb::normalize_grad<acc_t>(
-          static_cast<acc_t>(gp[i]), static_cast<acc_t>(xp[i]), r, dot, ties, NORM, e));
-    }
-  }
-};
-
-// ---- perturb_step ---------------------------------------------------------------------------
-
-// Stage ids: 1 = stage 1 (normalize's reduction), 2 = stage 2 (the projection's norm).
-template <typename scalar_t, int NORM, int RULE>
-struct PerturbStepOp {
-  using acc_t = typename AccType<scalar_t>::type;
-  struct State {
-    acc_t scale1 = 1, factor2 = 1;
-  };
-  const scalar_t* d;
-  const scalar_t* g;
-  const bool* mask;
-  scalar_t* out;
-  int64_t H;
-  StepParams p;  // norm = NORM, rule = RULE
-  int ids[2];
-  int n_stages;
-
-  PerturbStepOp(const scalar_t* d_, const scalar_t* g_, const bool* mask_, scalar_t* out_,
-                int64_t H_, const StepParams& params)
-      : d(d_), g(g_), mask(mask_), out(out_), H(H_), p(params), ids{0, 0}, n_stages(0) {
-    p.norm = NORM;
-    p.rule = RULE;
-    if (perturb::has_stage1(p)) ids[n_stages++] = 1;
-    if (perturb::has_stage2(p)) ids[n_stages++] = 2;
-  }
-
-  int stages() const { return n_stages; }
-  SK_FLATTEN Partial reduce(int s, int64_t c0, int64_t c1, const State& st) const {
-    const scalar_t* dp = d;
-    const scalar_t* gp = g;
-    const StepParams q{p.step_size, p.radius, p.eps, NORM, RULE};
-    if (ids[s] == 1) {
-      const auto term = [dp, gp, q](int64_t i) {
-        return perturb::stage1_term<acc_t>(static_cast<acc_t>(dp[i]), static_cast<acc_t>(gp[i]),
-                                           q);
-      };
-      const auto combine = [q](auto a, auto b) { return perturb::stage1_combine(a, b, q); };
-      return {fold_chunk<acc_t>(c0, c1, H, mask, term, combine), 0, 0};
-    }
-    const acc_t scale1 = st.scale1;
-    const auto term = [dp, gp, q, scale1](int64_t i) {
-      return perturb::stage2_term<acc_t>(static_cast<acc_t>(dp[i]), static_cast<acc_t>(gp[i]),
-                                         scale1, q);
-    };
-    return {fold_chunk<acc_t>(c0, c1, H, mask, term, [](auto a, auto b) { return a + b; }), 0,
-            0};
-  }
-  Partial merge(int s, const Partial& a, const Partial& b) const {
-    return ids[s] == 1 && NORM == kInf ? merge_max(a, b) : merge_sum(a, b);
-  }
-  void finish(int s, const Partial& t, State& st) const {
-    const StepParams q{p.step_size, p.radius, p.eps, NORM, RULE};
-    if (ids[s] == 1) {
-      st.scale1 = perturb::stage1_scale<acc_t>(static_cast<acc_t>(t.r), q);
-    } else {
-      st.factor2 = perturb::stage2_factor<acc_t>(static_cast<acc_t>(t.r), q);
-    }
-  }
-  SK_FLATTEN void apply(int64_t c0, int64_t c1, const State& st) const {
-    const StepParams q{p.step_size, p.radius, p.eps, NORM, RULE};
-    const acc_t scale1 = st.scale1, factor2 = st.factor2;
-    const scalar_t* dp = d;
-    const scalar_t* gp = g;
-    scalar_t* op = out;
-    for_each_run(
-        c0, c1, H, mask,
-        [&](int64_t a, int64_t b) {
-          for (int64_t i = a; i < b; ++i) {
-            op[i] = static_cast<scalar_t>(perturb::step_output<acc_t>(
-                static_cast<acc_t>(dp[i]), static_cast<acc_t>(gp[i]), scale1, factor2, q));
-          }
-        },
-        [&](int64_t a, int64_t b) { std::fill(op + a, op + b, scalar_t(0)); });
-  }
-};
-
 // ---- glue -----------------------------------------------------------------------------------
-
-template <typename F>
-void dispatch_norm(int64_t norm, const F& f) {
-  switch (norm) {
-    case kInf:
-      f(std::integral_constant<int, kInf>{});
-      break;
-    case kL2:
-      f(std::integral_constant<int, kL2>{});
-      break;
-    default:
-      f(std::integral_constant<int, kL1>{});
-      break;
-  }
-}
 
 void check_codes(int64_t norm, int64_t scope) {
   TORCH_CHECK(norm >= kInf && norm <= kL1,
@@ -503,13 +174,11 @@ at::Tensor normalize_cpu(const at::Tensor& x, int64_t norm, int64_t scope, doubl
   const Layout lay = check_grouped(x, "x", scope);
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_cpu", [&] {
-    dispatch_norm(norm, [&](auto nc) {
-      const NormalizeOp<scalar_t, decltype(nc)::value> op{x.data_ptr<scalar_t>(),
-                                                          y.data_ptr<scalar_t>(), lay.H, eps};
-      run_groups(op, lay.G, lay.L);
-    });
-  });
+  const GroupArgs args{x.data_ptr(), nullptr, nullptr, y.data_ptr(), lay.H,
+                       StepParams{0, 0, eps, static_cast<int>(norm), kPaper}};
+  run_groups(pick(&base::normalize_kernels, &avx2::normalize_kernels, x.scalar_type(),
+                  static_cast<int>(norm)),
+             args, lay.G, lay.L);
   return y;
 }
 
@@ -521,17 +190,11 @@ at::Tensor normalize_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, int6
   if (norm == kL1) return at::zeros(x.sizes(), x.options());
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_bwd_cpu", [&] {
-        const scalar_t* g = grad_y.data_ptr<scalar_t>();
-        const scalar_t* xp = x.data_ptr<scalar_t>();
-        scalar_t* out = dx.data_ptr<scalar_t>();
-        if (norm == kInf) {
-          run_groups(NormalizeBwdOp<scalar_t, kInf>{g, xp, out, lay.H, eps}, lay.G, lay.L);
-        } else {
-          run_groups(NormalizeBwdOp<scalar_t, kL2>{g, xp, out, lay.H, eps}, lay.G, lay.L);
-        }
-      });
+  const GroupArgs args{grad_y.data_ptr(), x.data_ptr(), nullptr, dx.data_ptr(), lay.H,
+                       StepParams{0, 0, eps, static_cast<int>(norm), kPaper}};
+  run_groups(pick(&base::normalize_bwd_kernels, &avx2::normalize_bwd_kernels, x.scalar_type(),
+                  static_cast<int>(norm)),
+             args, lay.G, lay.L);
   return dx;
 }
 
@@ -547,24 +210,12 @@ at::Tensor perturb_step_cpu(const at::Tensor& noise, const at::Tensor& grad,
   const bool* mask_p = checked_mask(mask, noise);
   at::Tensor out = at::empty(noise.sizes(), noise.options());
   if (noise.numel() == 0) return out;
-  StepParams params{step_size, radius, eps, static_cast<int>(norm), static_cast<int>(rule)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, noise.scalar_type(), "perturb_step_cpu", [&] {
-        const scalar_t* d = noise.data_ptr<scalar_t>();
-        const scalar_t* g = grad.data_ptr<scalar_t>();
-        scalar_t* o = out.data_ptr<scalar_t>();
-        dispatch_norm(norm, [&](auto nc) {
-          constexpr int kNorm = decltype(nc)::value;
-          if (rule == kPaper) {
-            run_groups(PerturbStepOp<scalar_t, kNorm, kPaper>(d, g, mask_p, o, lay.H, params),
-                       lay.G, lay.L);
-          } else {
-            run_groups(
-                PerturbStepOp<scalar_t, kNorm, kNormalizeSum>(d, g, mask_p, o, lay.H, params),
-                lay.G, lay.L);
-          }
-        });
-      });
+  const GroupArgs args{
+      noise.data_ptr(), grad.data_ptr(), mask_p, out.data_ptr(), lay.H,
+      StepParams{step_size, radius, eps, static_cast<int>(norm), static_cast<int>(rule)}};
+  run_groups(pick(&base::perturb_step_kernels, &avx2::perturb_step_kernels, noise.scalar_type(),
+                  static_cast<int>(norm), static_cast<int>(rule)),
+             args, lay.G, lay.L);
   return out;
 }
 
