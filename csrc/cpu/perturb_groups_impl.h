@@ -158,22 +158,16 @@ struct AbsBits<double> {
   static type of(double v) { return c10::bit_cast<uint64_t>(v) & 0x7FFFFFFFFFFFFFFFull; }
   static double value(type b) { return c10::bit_cast<double>(b); }
 };
-template <>
-struct AbsBits<c10::BFloat16> {
+template <typename T>
+struct AbsBits16 {  // bfloat16, float16: 16 bits, the sign bit on top
   using type = uint16_t;
-  static type of(c10::BFloat16 v) { return v.x & 0x7FFFu; }
-  static double value(type b) {
-    return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()));
-  }
+  static type of(T v) { return v.x & 0x7FFFu; }
+  static double value(type b) { return static_cast<float>(T(b, T::from_bits())); }
 };
 template <>
-struct AbsBits<c10::Half> {
-  using type = uint16_t;
-  static type of(c10::Half v) { return v.x & 0x7FFFu; }
-  static double value(type b) {
-    return static_cast<float>(c10::Half(b, c10::Half::from_bits()));
-  }
-};
+struct AbsBits<c10::BFloat16> : AbsBits16<c10::BFloat16> {};
+template <>
+struct AbsBits<c10::Half> : AbsBits16<c10::Half> {};
 
 // max |term(i)| over the kept i of [c0, c1) (0 if none; NaN if any is NaN); term(i) returns a
 // value of type T.
