@@ -22,6 +22,7 @@ embeddings and LayerNorm itself. Feeding the output of the whole embeddings modu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -191,6 +192,36 @@ class SMARTLoss(nn.Module):
         self.reduction = reduction
         self.eps = eps
         self.backend = backend
+        self._warned_dtypes: set[torch.dtype] = set()
+
+    def perturbation_scale(self) -> float:
+        """The largest |δ| element the configuration allows, roughly: ``radius`` (paper rule),
+        ``noise_std + num_steps * step_size`` without projection, ~1 for ``normalize_sum``
+        (its δ is a normalized direction), ``noise_std`` without ascent steps."""
+        if self.num_steps == 0:
+            return self.noise_std
+        if self.rule == "normalize_sum":
+            return 1.0
+        if self.radius is not None:
+            return self.radius
+        return self.noise_std + self.num_steps * self.step_size
+
+    def _warn_if_rounded_away(self, dtype: torch.dtype) -> None:
+        """Once per dtype: δ far below the resolution of low-precision embeddings is rounded
+        away by ``embed + δ`` (R_s ≈ 0, SMART silently off). A static check: no host sync."""
+        if dtype not in (torch.float16, torch.bfloat16) or dtype in self._warned_dtypes:
+            return
+        self._warned_dtypes.add(dtype)
+        resolution = torch.finfo(dtype).eps
+        scale = self.perturbation_scale()
+        if scale < 0.1 * resolution:
+            warnings.warn(
+                f"SMARTLoss: embed is {dtype}, whose relative resolution is {resolution:.3g}; "
+                f"a perturbation of at most ~{scale:.3g} is rounded away from embeddings of "
+                f"magnitude above ~{scale / resolution:.3g} (R_s ≈ 0). Keep the word "
+                "embeddings in float32 (float32 weights under autocast) or raise radius.",
+                stacklevel=3,
+            )
 
     def extra_repr(self) -> str:
         loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "fn")
@@ -226,6 +257,7 @@ class SMARTLoss(nn.Module):
         check_float_tensor("logits", logits)
         if embed.dim() < 2:
             raise ValueError(f"embed: expected [..., T, H], got shape {tuple(embed.shape)}")
+        self._warn_if_rounded_away(embed.dtype)
         mask = _as_bool_mask("mask", mask, embed.shape[:-1], "embed's leading dims")
         rows = _as_bool_mask("loss_mask", loss_mask, logits.shape[:-1], "logits' leading dims")
         if rows is None and mask is not None and mask.shape == logits.shape[:-1]:

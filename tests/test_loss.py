@@ -3,6 +3,8 @@ that runs here; sequence- and token-level logits, regression, masks, errors."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,6 +226,28 @@ def test_bregman_loss(backend):
     ref = reference.sym_kl(logits64, teacher.detach())
     ref.backward()
     assert torch.allclose(d, ref) and torch.allclose(logits.grad, logits64.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_warns_when_the_perturbation_rounds_away(dtype):
+    """Pure low-precision embeddings: the paper's radius 1e-5 is below their resolution, so
+    embed + δ == embed almost everywhere and R_s ≈ 0; SMARTLoss says so once. fp32 embeddings
+    (autocast) and a radius above the resolution give no warning."""
+    torch.manual_seed(0)
+    model = TinyEncoder(dtype=dtype)
+    embed = model.word(torch.randint(0, 50, (4, 7)))
+    smart = sk.SMARTLoss(model, num_steps=1)
+    with pytest.warns(UserWarning, match="rounded away"):
+        r_s = smart(embed, model(embed))
+    assert r_s.abs() < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smart(embed, model(embed))  # once per dtype
+        big = sk.SMARTLoss(model, num_steps=1, radius=0.05, step_size=0.05, noise_std=1e-2)
+        big(embed, model(embed))
+        fp32 = TinyEncoder(dtype=torch.float32)
+        e32 = fp32.word(torch.randint(0, 50, (4, 7)))
+        sk.SMARTLoss(fp32, num_steps=1)(e32, fp32(e32))
 
 
 def test_autocast_bf16_cpu():
