@@ -208,6 +208,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    # Everything is written and the group destroyed: leave without interpreter finalization,
+    # where gloo threads still holding tensors can abort the process (pytorch/pytorch#179291).
+    os._exit(0)
 
 
 def free_port() -> int:
