@@ -50,6 +50,24 @@ def _check(op, grad, a0, b0, backend, tol=1e-5, reduction="batchmean", mask=None
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("op,grad", MODES)
+def test_non_contiguous_masks(backend, op, grad):
+    """Strided and stride-0 mask views (reshape(-1) keeps them views) select the right rows."""
+    big = torch.rand(6, 2, device="cuda") > 0.5
+    big[:2, 0] = torch.tensor([True, False])
+    masks = [
+        (big[:, 0], (6, 1000)),
+        (torch.tensor([True, False, True, True], device="cuda").expand(3, 4), (3, 4, 1000)),
+        (torch.tensor([False], device="cuda").expand(9), (9, 1000)),
+    ]
+    for mask, shape in masks:
+        assert not mask.is_contiguous()
+        a0, b0 = logits(*shape, device="cuda"), logits(*shape, device="cuda")
+        a, _ = _check(op, grad, a0, b0, backend, reduction="sum", mask=mask)
+        assert (a.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("op,grad", MODES)
 @pytest.mark.parametrize(
     "shape", [(7, 3), (5, 1), (2, 3, 1000), (3, 2049), (3, 32001), (2, 262144), (33, 50257)]
 )
