@@ -102,7 +102,8 @@ def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
         p.join(5)
     errors = "".join(f.read_text() for f in sorted(out.glob("error_rank*.txt")))
     assert not hung, f"workers did not finish in {TIMEOUT_S + 30} s\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
     return {
         name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for name in CONFIGS
