@@ -72,11 +72,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 ddp_timeout=TIMEOUT_S,
             )  # fmt: skip
             torch.save(result, out / f"{name}_rank{rank}.pt")
+            (out / f"stage_rank{rank}.txt").write_text(f"trained {name}")
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        (out / f"stage_rank{rank}.txt").write_text("destroyed the process group")
     except BaseException:
         (out / f"error_rank{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -101,6 +103,7 @@ def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
         p.kill()
         p.join(5)
     errors = "".join(f.read_text() for f in sorted(out.glob("error_rank*.txt")))
+    errors += "".join(f"{f.stem}: {f.read_text()}\n" for f in sorted(out.glob("stage_rank*.txt")))
     assert not hung, f"workers did not finish in {TIMEOUT_S + 30} s\n{errors}"
     codes = [p.exitcode for p in procs]
     assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
