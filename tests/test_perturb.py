@@ -211,7 +211,11 @@ def test_perturb_step_low_precision(backend, dtype, norm, rule):
     kw = dict(norm=norm, rule=rule, radius=6e-4)
     out, ref, noise, grad = step_both((4, 3, 65), backend, dtype=dtype, **kw)
     assert out.dtype == dtype
-    assert within_eager(out, reference.perturb_step(noise, grad, **kw), ref)
+    # l1 normalize_sum: sign(d + step g); the AVX2 copy contracts it to an FMA, as GPUs do
+    undecided = (
+        sign_undecided(noise, grad, 1e-3) if (norm, rule) == ("l1", "normalize_sum") else None
+    )
+    assert within_eager(out, reference.perturb_step(noise, grad, **kw), ref, undecided)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
