@@ -219,18 +219,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
-    """{(backend, mode): [rank 0 result, rank 1 result]} from one 2-process run."""
+def run_ranks(worker, world: int, out, timeout_s: float) -> None:
+    """Spawns ``worker(rank, port, str(out))`` for each rank (fresh interpreters, as torchrun
+    does) and waits up to ``timeout_s``; a hang, a non-zero exit or a crash fails with the ranks'
+    tracebacks (``error_rank*.txt``) and last stages (``stage_rank*.txt``) found in ``out``."""
     import torch.multiprocessing as mp
 
-    out = tmp_path_factory.mktemp("ddp")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, port, str(out))) for r in range(world)]
     for p in procs:
         p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S + 10)
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
     for p in procs:
         p.join(timeout=max((deadline - datetime.datetime.now()).total_seconds(), 0.1))
     hung = [p for p in procs if p.is_alive()]
@@ -239,10 +239,16 @@ def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
         p.join(5)
     errors = "".join(f.read_text() for f in sorted(out.glob("error_rank*.txt")))
     errors += "".join(f"{f.stem}: {f.read_text()}\n" for f in sorted(out.glob("stage_rank*.txt")))
-    assert not hung, f"DDP workers did not finish in {TIMEOUT_S + 10} s\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), (
-        f"exit codes {[p.exitcode for p in procs]}\n{errors}"
-    )
+    assert not hung, f"workers did not finish in {timeout_s} s\n{errors}"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"exit codes {codes}\n{errors}"
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """{(backend, mode): [rank 0 result, rank 1 result]} from one 2-process run."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_ranks(_worker, WORLD, out, TIMEOUT_S + 10)
     return {
         (b, m): [torch.load(out / f"{b}_{m}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for b in BACKENDS

@@ -12,7 +12,6 @@ MASTER_ADDR, ... in the environment), tiny BERT, 3 optimizer steps, per-device b
 
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from test_ddp import free_port  # noqa: E402
+from test_ddp import run_ranks  # noqa: E402
 from test_trainer import make_args, make_data, make_model, params  # noqa: E402
 
 from smart_kernels.integrations.transformers import SmartArguments, SmartTrainer  # noqa: E402
@@ -87,26 +86,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("trainer_ddp")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S + 30)
-    for p in procs:
-        p.join(timeout=max((deadline - datetime.datetime.now()).total_seconds(), 0.1))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(5)
-    errors = "".join(f.read_text() for f in sorted(out.glob("error_rank*.txt")))
-    errors += "".join(f"{f.stem}: {f.read_text()}\n" for f in sorted(out.glob("stage_rank*.txt")))
-    assert not hung, f"workers did not finish in {TIMEOUT_S + 30} s\n{errors}"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
+    run_ranks(_worker, WORLD, out, TIMEOUT_S + 30)
     return {
         name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for name in CONFIGS
