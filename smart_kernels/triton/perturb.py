@@ -144,6 +144,26 @@ def _reduce(t, axis: tl.constexpr, IS_MAX: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(G, L, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows path: this program's ROWS groups of L elements (G in all) as a [ROWS, BLOCK] tile:
+    (group indices [ROWS], flat offsets [ROWS, BLOCK], in-bounds mask [ROWS, BLOCK])."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    offs = rows[:, None] * L + cols[None, :]
+    inb = (rows[:, None] < G) & (cols[None, :] < L)
+    return rows, offs, inb
+
+
+@triton.jit
+def _chunk_of(pid, C, L, CHUNK: tl.constexpr):
+    """Split path: program pid = (group, chunk) = divmod(pid, C) of groups of L elements:
+    (group, the chunk's [start, end) inside the group, the group's flat offset)."""
+    grp = pid // C
+    start = (pid % C) * CHUNK
+    return grp, start, tl.minimum(start + CHUNK, L), grp * L
+
+
+@triton.jit
 def _group_partials(ws_ptr, C, IS_MAX: tl.constexpr, PBLOCK: tl.constexpr):
     """Reduce one group's C (<= PBLOCK) partials; 0 is the identity of both reductions."""
     i = tl.arange(0, PBLOCK)
@@ -281,10 +301,7 @@ def normalize_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     # ROWS whole groups per program, held in registers: one read, one write.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    offs = rows[:, None] * L + cols[None, :]
-    inb = (rows[:, None] < G) & (cols[None, :] < L)
+    _, offs, inb = _row_tile(G, L, ROWS, BLOCK)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(ACC)
     r = tl.zeros([ROWS, 1], ACC)
     if NORM == 0:
@@ -313,10 +330,7 @@ def normalize_chunk_kernel(
     # Program (group, chunk) = divmod(pid, C). PHASE 1: the chunk's partial max|x| / sum x^2
     # -> ws[pid]. PHASE 2: reduce the group's partials, write y over the chunk.
     pid = tl.program_id(0).to(tl.int64)
-    grp = pid // C
-    start = (pid % C) * CHUNK
-    end = tl.minimum(start + CHUNK, L)
-    base = grp * L
+    grp, start, end, base = _chunk_of(pid, C, L, CHUNK)
     r = tl.zeros([], ACC)
     if PHASE == 2 and NORM != 2:
         r = _group_partials(ws_ptr + grp * C, C, NORM == 0, PBLOCK)
@@ -357,10 +371,7 @@ def normalize_bwd_rows_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    offs = rows[:, None] * L + cols[None, :]
-    inb = (rows[:, None] < G) & (cols[None, :] < L)
+    _, offs, inb = _row_tile(G, L, ROWS, BLOCK)
     g = tl.load(gy_ptr + offs, mask=inb, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(ACC)
     dot = tl.sum(g * x, axis=1)[:, None]
@@ -395,10 +406,7 @@ def normalize_bwd_chunk_kernel(
     # Program (group, chunk) = divmod(pid, C); ws: [3, NP = G*C]. PHASE 1: the chunk's partials
     # (m_k or r_k, c_k, dot_k) -> ws[:, pid]. PHASE 2: combine the group's, write dx.
     pid = tl.program_id(0).to(tl.int64)
-    grp = pid // C
-    start = (pid % C) * CHUNK
-    end = tl.minimum(start + CHUNK, L)
-    base = grp * L
+    grp, start, end, base = _chunk_of(pid, C, L, CHUNK)
     r = tl.zeros([], ACC)
     ties = tl.zeros([], ACC)
     dot = tl.zeros([], ACC)
@@ -470,10 +478,7 @@ def perturb_step_rows_kernel(
 ):
     # ROWS whole groups per program in registers: one read of d and g, both stage reductions
     # in registers, one write.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    offs = rows[:, None] * L + cols[None, :]
-    inb = (rows[:, None] < G) & (cols[None, :] < L)
+    rows, offs, inb = _row_tile(G, L, ROWS, BLOCK)
     live = inb
     if HAS_MASK:
         live = _kept(mask_ptr, rows[:, None], rows[:, None] < G, offs, inb, H, TOKEN)
@@ -523,10 +528,7 @@ def perturb_step_chunk_kernel(
     # PHASE 2: reduce ws1 of the group -> scale1; stage-2 partial -> ws2[pid].
     # PHASE 3: reduce ws1 (and ws2) of the group; write the chunk's new noise.
     pid = tl.program_id(0).to(tl.int64)
-    grp = pid // C
-    start = (pid % C) * CHUNK
-    end = tl.minimum(start + CHUNK, L)
-    base = grp * L
+    grp, start, end, base = _chunk_of(pid, C, L, CHUNK)
     step = _as_acc(step_size, ACC)
     rad = _as_acc(radius, ACC)
     scale1 = tl.full([], 1.0, ACC)
