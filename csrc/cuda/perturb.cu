@@ -311,15 +311,17 @@ __device__ __forceinline__ S reduce_partials(const S* __restrict__ parts, int64_
   return group_allreduce(s, smem, merge);
 }
 
-// Block b of the split path: group grp, its chunk b % nch = n elements at flat index begin
-// (n >= 1 since nch = ceil(L / C); n <= C < 2^30).
-__device__ __forceinline__ void split_range(int64_t b, int64_t nch, int64_t C, int64_t L,
-                                            int64_t& grp, int64_t& begin, int& n) {
-  grp = b / nch;
-  const int64_t chunk = b - grp * nch;
-  const int64_t offset = chunk * C;
-  begin = grp * L + offset;
-  n = static_cast<int>(L - offset < C ? L - offset : C);
+// Calls fn(b, grp, begin, n) for each block b < nblocks of the split path that this CUDA block
+// owns (grid-stride: there may be more than the grid): group grp, its chunk b % nch = n elements
+// at flat index begin (n >= 1 since nch = ceil(L / C); n <= C < 2^30).
+template <typename Fn>
+__device__ __forceinline__ void for_split_blocks(int64_t nblocks, int64_t nch, int64_t C,
+                                                 int64_t L, const Fn& fn) {
+  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
+    const int64_t grp = b / nch;
+    const int64_t offset = (b - grp * nch) * C;
+    fn(b, grp, grp * L + offset, static_cast<int>(L - offset < C ? L - offset : C));
+  }
 }
 
 // ---- perturb_step passes over n elements at flat index begin (one group or chunk) ---------------
@@ -458,14 +460,11 @@ __global__ void __launch_bounds__(kSplitThreads)
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t smem[kMaxWarps];
   const MaxOrSum<acc_t> merge1{p.norm == pm::kInf};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     const acc_t r =
         group_allreduce(perturb_stage1(d, g, mask, H, begin, n, vec, r0, p, false), smem, merge1);
     if (threadIdx.x == 0) ws1[b] = r;
-  }
+  });
 }
 
 // perturb_step, split path, kernel 2 (only when stage 2 exists): scale1 from the group's ws1
@@ -483,10 +482,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   __shared__ acc_t smem[kMaxWarps];
   const MaxOrSum<acc_t> merge1{p.norm == pm::kInf};
   const MaxOrSum<acc_t> sum{false};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     acc_t scale1 = 1;
     if (pm::has_stage1(p)) {
       scale1 = pm::stage1_scale(reduce_partials(ws1 + grp * nch, nch, acc_t(0), smem, merge1), p);
@@ -494,7 +490,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     const acc_t r =
         group_allreduce(perturb_stage2(d, g, mask, H, begin, n, vec, r0, scale1, p), smem, sum);
     if (threadIdx.x == 0) ws2[b] = r;
-  }
+  });
 }
 
 // perturb_step, split path, last kernel: scale1 / factor2 from the group's partials (fixed
@@ -512,10 +508,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   __shared__ acc_t smem[kMaxWarps];
   const MaxOrSum<acc_t> merge1{p.norm == pm::kInf};
   const MaxOrSum<acc_t> sum{false};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     acc_t scale1 = 1, factor2 = 1;
     if (pm::has_stage1(p)) {
       scale1 = pm::stage1_scale(reduce_partials(ws1 + grp * nch, nch, acc_t(0), smem, merge1), p);
@@ -524,7 +517,7 @@ __global__ void __launch_bounds__(kSplitThreads)
       factor2 = pm::stage2_factor(reduce_partials(ws2 + grp * nch, nch, acc_t(0), smem, sum), p);
     }
     perturb_apply(d, g, mask, H, out, begin, n, vec, r0, scale1, factor2, p);
-  }
+  });
 }
 
 // ---- normalize ----------------------------------------------------------------------------------
@@ -597,13 +590,10 @@ __global__ void __launch_bounds__(kSplitThreads)
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t smem[kMaxWarps];
   const MaxOrSum<acc_t> merge{norm == pm::kInf};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     const acc_t r = group_allreduce(normalize_stats(x, begin, n, vec, r0, norm), smem, merge);
     if (threadIdx.x == 0) ws[b] = r;
-  }
+  });
 }
 
 // normalize, split path, kernel 2: r from the group's partials (fixed order; none for l1), then y.
@@ -616,14 +606,11 @@ __global__ void __launch_bounds__(kSplitThreads)
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t smem[kMaxWarps];
   const MaxOrSum<acc_t> merge{norm == pm::kInf};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     acc_t r = 0;
     if (norm != pm::kL1) r = reduce_partials(ws + grp * nch, nch, acc_t(0), smem, merge);
     normalize_apply(x, y, begin, n, vec, r0, r, norm, eps);
-  }
+  });
 }
 
 // ---- normalize_bwd (inf / l2; l1's gradient is zeros, no kernel) ------------------------------
@@ -713,14 +700,11 @@ __global__ void __launch_bounds__(kSplitThreads)
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ MaxTies<acc_t> smem[kMaxWarps];
   const MergeMaxTies<acc_t> merge;
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     const MaxTies<acc_t> s =
         group_allreduce(normalize_bwd_stats(gy, x, begin, n, vec, r0), smem, merge);
     if (threadIdx.x == 0) ws[b] = s;
-  }
+  });
 }
 
 // normalize_bwd, split path, kernel 2: the group's stats from its partials (fixed order), then dx.
@@ -733,13 +717,10 @@ __global__ void __launch_bounds__(kSplitThreads) normalize_bwd_split_apply_kerne
   __shared__ MaxTies<acc_t> smem[kMaxWarps];
   const MergeMaxTies<acc_t> merge;
   const MaxTies<acc_t> identity{acc_t(0), 0, acc_t(0), acc_t(0)};
-  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    int64_t grp, begin;
-    int n;
-    split_range(b, nch, C, L, grp, begin, n);
+  for_split_blocks(nblocks, nch, C, L, [&](int64_t b, int64_t grp, int64_t begin, int n) {
     const MaxTies<acc_t> s = reduce_partials(ws + grp * nch, nch, identity, smem, merge);
     normalize_bwd_apply(gy, x, dx, begin, n, vec, r0, s, norm, eps);
-  }
+  });
 }
 
 // ---- init_noise ---------------------------------------------------------------------------------
