@@ -50,22 +50,27 @@ def check_float_tensor(name: str, t: object) -> None:
         )
 
 
+def check_same(name: str, x: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """``x`` (argument ``name``) has the shape, dtype and device of ``like`` (``like_name``)."""
+    if x.shape != like.shape:
+        raise ValueError(
+            f"{name}: expected the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}"
+        )
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name}: expected the dtype of {like_name} ({like.dtype}), got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(
+            f"{name}: expected the device of {like_name} ({like.device}), got {x.device}"
+        )
+
+
 def check_logits_pair(input: torch.Tensor, target: torch.Tensor) -> None:
     """input, target: logits [..., V] of one shape, dtype and device, V > 0."""
     check_float_tensor("input", input)
     check_float_tensor("target", target)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape [..., V], got a 0-d tensor")
-    if target.shape != input.shape:
-        raise ValueError(
-            f"target: expected the shape of input {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
-    if target.dtype != input.dtype:
-        raise TypeError(f"target: expected the dtype of input ({input.dtype}), got {target.dtype}")
-    if target.device != input.device:
-        raise ValueError(
-            f"target: expected the device of input ({input.device}), got {target.device}"
-        )
+    check_same("target", target, "input", input)
     if input.shape[-1] == 0:
         raise ValueError("input: the last dimension (V, the number of classes) must be > 0")
 

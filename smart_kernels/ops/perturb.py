@@ -23,6 +23,7 @@ from smart_kernels.ops._checks import (
     check_float_tensor,
     check_number,
     check_row_mask,
+    check_same,
 )
 
 NORM_CODES = {"inf": 0, "l2": 1, "l1": 2}  # csrc/perturb_math.h
@@ -227,14 +228,7 @@ def perturb_step(
     check_choice("scope", scope, tuple(SCOPE_CODES))
     _check_embeddings("noise", noise, scope)
     check_float_tensor("grad", grad)
-    if grad.shape != noise.shape:
-        raise ValueError(
-            f"grad: expected the shape of noise {tuple(noise.shape)}, got {tuple(grad.shape)}"
-        )
-    if grad.dtype != noise.dtype:
-        raise TypeError(f"grad: expected the dtype of noise ({noise.dtype}), got {grad.dtype}")
-    if grad.device != noise.device:
-        raise ValueError(f"grad: expected the device of noise ({noise.device}), got {grad.device}")
+    check_same("grad", grad, "noise", noise)
     check_choice("norm", norm, tuple(NORM_CODES))
     check_choice("rule", rule, tuple(RULE_CODES))
     check_number("step_size", step_size)
