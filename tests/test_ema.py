@@ -354,36 +354,24 @@ def test_traced_by_torch_compile_fullgraph(backend):
     assert max_err(s.grad, torch.full_like(s, 1.4)) <= 2 * EPS[torch.float32]
 
 
-def _triton_usable() -> bool:
-    return "triton" in CPU_BACKENDS
-
-
-@pytest.mark.skipif(not _triton_usable(), reason="triton backend not usable on CPU here")
-def test_opcheck_triton_ops():
+@pytest.mark.parametrize(
+    "backend,names",
+    [("native", ("ema_update_", "ema")), ("triton", ("ema_update_triton", "ema_triton"))],
+)
+def test_opcheck(backend, names):
+    """ema_update_ / ema (native) and ema_update_triton / ema_triton: torch.library.opcheck."""
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} backend not usable on CPU here")
+    ops = torch.ops.smart_kernels
+    update, ema = (getattr(ops, n) for n in names)
     teacher, student = pairs([(5, 3), (7,)])
     teacher.append(torch.arange(4))
     student.append(torch.arange(4) + 1)
     for dt in (None, torch.tensor(0.4)):
-        torch.library.opcheck(
-            torch.ops.smart_kernels.ema_update_triton.default, (teacher, student, dt, 0.4)
-        )
+        torch.library.opcheck(update.default, (teacher, student, dt, 0.4))
         t = rand(3, 4).requires_grad_()
         s = rand(3, 4, dtype=torch.bfloat16).requires_grad_()
-        torch.library.opcheck(torch.ops.smart_kernels.ema_triton.default, (t, s, dt, 0.4))
-
-
-@pytest.mark.skipif("native" not in CPU_BACKENDS, reason="smart_kernels._C not built")
-def test_opcheck_native_ops():
-    teacher, student = pairs([(5, 3), (7,)])
-    teacher.append(torch.arange(4))
-    student.append(torch.arange(4) + 1)
-    for dt in (None, torch.tensor(0.4)):
-        torch.library.opcheck(
-            torch.ops.smart_kernels.ema_update_.default, (teacher, student, dt, 0.4)
-        )
-        t = rand(3, 4).requires_grad_()
-        s = rand(3, 4, dtype=torch.bfloat16).requires_grad_()
-        torch.library.opcheck(torch.ops.smart_kernels.ema.default, (t, s, dt, 0.4))
+        torch.library.opcheck(ema.default, (t, s, dt, 0.4))
 
 
 # ----------------------------------------------------------------------------------------------
