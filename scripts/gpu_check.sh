@@ -4,9 +4,11 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
 #
 # The issue-6 run (SMARTLoss, demo, smart_step; carry [".gpu-wheels", ".gpu-demo"] after
-# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 6-9 minutes on an H100:
+# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 7-9 minutes on an H100, and cut
+# at DEADLINE (570 s) whatever happens (the device tool's limit is 600 s per command):
 #   OUT=$OUT SMART_KERNELS_GIT_COMMIT=<local short hash> DEMO=1 PROBE=0 \
-#     BENCH_OPS=smart_step,perturb_step BENCH_ARGS="--budget-ms 2000" bash scripts/gpu_check.sh
+#     BENCH_OPS=smart_step,perturb_step_seq BENCH_ARGS="--budget-ms 2000" bash scripts/gpu_check.sh
+# (perturb_step_seq: the split kernels, refactored since the last GPU run.)
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
 # 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
@@ -14,8 +16,9 @@
 #    --quick (results.csv + results.md under $OUT/bench) and the launch-overhead probe (PROBE=0
 #    skips it), all within DEADLINE seconds (default 570) from the start;
 # 4. prints a short table last.
-# Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest is
-# missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a connected machine).
+# Needs: python3 with a CUDA torch, triton, nvcc, ninja, setuptools. No internet: if pytest (or
+# pytest-xdist) is missing, it is installed from .gpu-wheels/ (`make gpu-wheels` fills it on a
+# connected machine).
 # Stage limits (seconds) can be set with BUILD_TIMEOUT, TEST_TIMEOUT, DEMO_TIMEOUT, BENCH_TIMEOUT
 # (each cut to what is left of DEADLINE); BENCH_OPS
 # (default all) picks the harness's ops and BENCH_ARGS adds options (e.g. --budget-ms 2000 for
@@ -60,6 +63,8 @@ for pkg in tqdm liger_kernel psutil accelerate smart_pytorch; do  # offline: fro
 done
 $PY -c "import pytest" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpu-wheels \
   pytest >>"$OUT/env.txt" 2>&1 || true
+$PY -c "import xdist" 2>/dev/null || $PY -m pip install -q --no-index --find-links .gpu-wheels \
+  pytest-xdist >>"$OUT/env.txt" 2>&1 || true
 
 stage "build (SMART_KERNELS_CUDA=1)"
 arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')")
@@ -78,8 +83,14 @@ $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.bac
   | tee -a "$OUT/env.txt"
 
 stage "pytest -m gpu"
-timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} \
-  >"$OUT/pytest_gpu.log" 2>&1
+# GPU_TEST_WORKERS (default 4) pytest-xdist processes share the GPU, one test file each at a time
+# (the largest test holds ~17 GB); 0, or no xdist, runs them in one process.
+workers=()
+if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
+  workers=(-n "${GPU_TEST_WORKERS:-4}" --dist loadfile)
+fi
+timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
+  --durations=15 ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
