@@ -22,8 +22,10 @@
 # Stage limits (seconds) can be set with BUILD_TIMEOUT, TEST_TIMEOUT, DEMO_TIMEOUT, BENCH_TIMEOUT
 # (each cut to what is left of DEADLINE); BENCH_OPS
 # (default all) picks the harness's ops and BENCH_ARGS adds options (e.g. --budget-ms 2000 for
-# smart_step), GPU_TESTS (default tests) the pytest paths; DEMO=1 (DEMO_ARGS) runs the demo. SMART_KERNELS_GIT_COMMIT=<hash> records the commit in the results when the copied
-# tree's .git is missing or stale (pass the local `git rev-parse --short HEAD` in the command).
+# smart_step), GPU_TESTS (default tests) the pytest paths, GPU_TEST_WORKERS their processes;
+# DEMO=1 (DEMO_ARGS) runs the demo. SMART_KERNELS_GIT_COMMIT=<hash> records the commit in the
+# results when the copied tree's .git is missing or stale (pass the local
+# `git rev-parse --short HEAD` in the command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -89,8 +91,8 @@ workers=()
 if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
   workers=(-n "${GPU_TEST_WORKERS:-4}" --dist loadfile)
 fi
-timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
-  --durations=15 ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
+timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider \
+  ${workers[@]+"${workers[@]}"} --durations=15 ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
@@ -108,8 +110,8 @@ fi
 stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): re-render them where the CSV lands with
 # `python -m benchmarks.report $OUT/bench/results.csv`.
-timeout "$(cap "${BENCH_TIMEOUT:-480}")" $PY -m benchmarks --quick --device cuda --no-plots --no-progress \
-  --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
+timeout "$(cap "${BENCH_TIMEOUT:-480}")" $PY -m benchmarks --quick --device cuda --no-plots \
+  --no-progress --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
