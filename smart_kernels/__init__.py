@@ -10,10 +10,14 @@ Public API (see README.md and DESIGN §2)::
                     rule="paper", eps=1e-6, mask=None, backend=None)
     sk.ema_update_(teacher, student, decay, *, backend=None)
     sk.ema(teacher, student, decay, *, backend=None)
-    sk.MomentumTeacher(model, decay=0.99, *, schedule=None, total_steps=None, dtype=None)
+    sk.MomentumTeacher(model, decay=0.99, *, schedule=None, total_steps=None, dtype=None,
+                       backend=None)
     sk.SMARTLoss(eval_fn, *, loss="sym_kl", num_steps=1, step_size=1e-3, noise_std=1e-5,
-                 radius=1e-5, norm="inf", scope="token", rule="paper", grad="full", ...)
-    sk.bregman_loss(logits, teacher_logits, *, loss="sym_kl", mask=None)
+                 radius=1e-5, norm="inf", scope="token", rule="paper", grad="full",
+                 reduction="batchmean", eps=1e-6, backend=None)
+        (embed, logits, *, mask=None, loss_mask=None, **eval_kwargs) -> R_s
+    sk.bregman_loss(logits, teacher_logits, *, loss="sym_kl", mask=None, reduction="batchmean",
+                    backend=None)
     sk.backends()
 """
 

@@ -99,8 +99,16 @@ def backends() -> dict[str, BackendInfo]:
     return {name: _info(name) for name in BACKENDS}
 
 
-def choose(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend ``op`` runs with for tensors on ``device``; raises if ``backend`` can't run."""
+def check_name(backend: object, name: str = "backend") -> None:
+    """``backend`` is None or one of BACKENDS (for constructors that store it: a typo fails at
+    construction, not at the first call). Whether it can run is checked per call."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{name}: expected one of {BACKENDS} or None, got {backend!r}")
+
+
+def choose(op: str, backend: str | None, device: torch.device, caller: str | None = None) -> str:
+    """The backend ``op`` (a kernel family of GPU_PREFERENCE) runs with for tensors on
+    ``device``; raises if ``backend`` can't run, naming ``caller`` (default: ``op``)."""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}={backend!r}"
@@ -119,5 +127,7 @@ def choose(op: str, backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{source}: expected one of {BACKENDS} or None")
     reason = _info(backend).reason(device)
     if reason is not None:
-        raise RuntimeError(f"{op}: {source} cannot run on {device.type} tensors: {reason}")
+        raise RuntimeError(
+            f"{caller or op}: {source} cannot run on {device.type} tensors: {reason}"
+        )
     return backend

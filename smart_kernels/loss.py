@@ -7,10 +7,10 @@ assembled from the fused ops, and ``bregman_loss`` for the momentum-teacher term
 The full objective is ``L + λ_s·R_s + μ·D_Breg`` with ``D_Breg = ℓ_s(f(x; θ), f(x; θ̃))`` against a
 :class:`~smart_kernels.MomentumTeacher` θ̃. One training step (README, "SMART in a training step")::
 
+    smart = SMARTLoss(lambda e, **kw: model(inputs_embeds=e, **kw).logits)   # once
     embed = model.get_input_embeddings()(input_ids)          # WORD embeddings only
     logits = model(inputs_embeds=embed, attention_mask=am).logits
-    eval_fn = lambda e: model(inputs_embeds=e, attention_mask=am).logits
-    loss = task_loss(logits, labels) + lambda_s * smart(eval_fn, embed, logits, mask=am)
+    loss = task_loss(logits, labels) + lambda_s * smart(embed, logits, mask=am, attention_mask=am)
     teacher_logits = teacher(input_ids=input_ids, attention_mask=am).logits
     loss = loss + mu * sk.bregman_loss(logits, teacher_logits)
     loss.backward(); optimizer.step(); teacher.update(model)
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from smart_kernels.ops._checks import check_choice, check_float_tensor, check_number
+from smart_kernels import _backends
+from smart_kernels.ops._checks import check_choice, check_float_tensor, check_number, check_same
 from smart_kernels.ops.perturb import NORM_CODES, RULE_CODES, SCOPE_CODES, init_noise, perturb_step
 from smart_kernels.ops.sym_kl import REDUCTIONS, sym_kl
 
@@ -39,14 +40,20 @@ GRAD_MODES = ("full", "stop_grad")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _as_bool_mask(name: str, mask: object, shape: torch.Size, what: str) -> torch.Tensor | None:
-    """``mask`` (None, or a bool/int tensor of ``shape``) as a bool tensor; clear errors."""
+def _as_bool_mask(name: str, mask: object, like: torch.Tensor, what: str) -> torch.Tensor | None:
+    """``mask`` (None, or a bool/int tensor of shape ``like.shape[:-1]`` on like's device) as a
+    bool tensor; clear errors naming ``name``; ``what`` names like's leading dims."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor or None, got {type(mask).__name__}")
+    shape = like.shape[:-1]
     if mask.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)} ({what}), got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name}: expected a bool or integer tensor, got {mask.dtype}")
+    if mask.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got one on {mask.device}")
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -63,6 +70,7 @@ def mse_loss(
     for symmetry with sym_kl: for the squared error the gradient each side gets against the
     other detached, ``±2 (input - target)``, is the exact gradient, so both modes are one."""
     check_choice("grad", grad, GRAD_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
     diff = input - target
     rows = (diff * diff).sum(-1)
     rows = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
@@ -92,13 +100,21 @@ def bregman_loss(
     the model, ``teacher_logits`` of the teacher (detached here: the teacher is not trained).
     ``loss``: ``"sym_kl"`` (classification) or ``"mse"`` (regression; also used for logits
     with one column, as in :class:`SMARTLoss`: a softmax over one class is constant, its
-    symmetric KL always 0); ``mask``: bool [...]. Teacher logits of another floating dtype
-    (e.g. fp32 from a teacher run outside autocast, bf16 student logits) are cast to ``logits``'
-    dtype."""
+    symmetric KL always 0); ``mask``: bool/int [...] (``logits.shape[:-1]``), the rows that
+    count; ``reduction``: ``"batchmean"`` (over counted rows), ``"sum"``, ``"mean"`` or
+    ``"none"`` (per row), as :func:`smart_kernels.sym_kl`; ``backend``: of the fused sym_kl
+    (None: auto). Teacher logits of another floating dtype (e.g. fp32 from a teacher run
+    outside autocast, bf16 student logits) are cast to ``logits``' dtype; their shape and device
+    must be those of ``logits``."""
     check_choice("loss", loss, LOSSES)
+    check_choice("reduction", reduction, REDUCTIONS)
     check_float_tensor("logits", logits)
     check_float_tensor("teacher_logits", teacher_logits)
+    if logits.dim() == 0:
+        raise ValueError("logits: expected shape [..., C], got a 0-d tensor")
     target = teacher_logits.detach().to(logits.dtype)
+    check_same("teacher_logits", target, "logits", logits)
+    mask = _as_bool_mask("mask", mask, logits, "logits' leading dims")
     if loss == "mse" or logits.shape[-1] == 1:
         return mse_loss(logits, target, reduction=reduction, mask=mask)
     return sym_kl(logits, target, reduction=reduction, mask=mask, backend=backend)
@@ -127,18 +143,17 @@ class SMARTLoss(nn.Module):
         eps: added to the norms in ``normalize``.
         backend: kernel backend of the fused ops (None: auto).
 
-    ``forward(embed, logits, *, mask=None, loss_mask=None, **eval_kwargs)``:
-        embed: word embeddings [B, T, H] that produced ``logits`` (with their graph);
-        logits: ``eval_fn(embed)`` [B, C] or [B, T, C], with gradients to the model;
-        mask: bool/int [B, T] (e.g. the attention mask): padding gets no noise and is left out
-            of the norms; for token-level logits it is also the default ``loss_mask``.
-        loss_mask: bool/int ``logits.shape[:-1]``: the rows of ℓ_s that count, in the ascent
-            steps and in R_s (e.g. the tokens that carry a label, where every attended token
-            still gets noise). Default: ``mask`` for token-level logits, else every row.
-        Returns the scalar ``R_s``: the noise is initialised and moved by ``num_steps`` ascent
-        steps, each differentiating only w.r.t. the noise (no parameter gradients accumulate),
-        then ``ℓ_s(f(embed + δ), logits)`` is returned with gradients into the model. Nothing
-        synchronizes the host; works under autocast and with a compiled model.
+    ``forward(embed, logits, *, mask=None, loss_mask=None, **eval_kwargs)`` returns the scalar
+    ``R_s`` (see :meth:`forward`): the noise is initialised and moved by ``num_steps`` ascent
+    steps, each differentiating only w.r.t. the noise (no parameter gradients accumulate), then
+    ``ℓ_s(f(embed + δ), logits)`` is returned with gradients into the model. Nothing
+    synchronizes the host; works under autocast and with a compiled model.
+
+    In train mode ``eval_fn`` draws fresh dropout masks, so R_s also measures the difference
+    the dropout makes between the clean and the perturbed forward; mt-dnn (the paper's code) and
+    smart-pytorch do the same. Under low-precision autocast the paper's δ (1e-5) is mostly
+    rounded away by the first matmul after the embeddings (a warning says so): run SMART in
+    float32 or raise ``radius`` / ``noise_std``.
     """
 
     def __init__(
@@ -179,6 +194,7 @@ class SMARTLoss(nn.Module):
         check_choice("rule", rule, tuple(RULE_CODES))
         check_choice("grad", grad, GRAD_MODES)
         check_choice("reduction", reduction, tuple(r for r in REDUCTIONS if r != "none"))
+        _backends.check_name(backend)
         self.eval_fn = eval_fn
         self.loss = loss
         self.num_steps = num_steps
@@ -192,7 +208,7 @@ class SMARTLoss(nn.Module):
         self.reduction = reduction
         self.eps = eps
         self.backend = backend
-        self._warned_dtypes: set[torch.dtype] = set()
+        self._warned_dtypes: set[tuple[torch.dtype, bool]] = set()
 
     def perturbation_scale(self) -> float:
         """The largest |δ| element the configuration allows, roughly: ``radius`` (paper rule),
@@ -206,22 +222,50 @@ class SMARTLoss(nn.Module):
             return self.radius
         return self.noise_std + self.num_steps * self.step_size
 
-    def _warn_if_rounded_away(self, dtype: torch.dtype) -> None:
-        """Once per dtype: δ far below the resolution of low-precision embeddings is rounded
-        away by ``embed + δ`` (R_s ≈ 0, SMART silently off). A static check: no host sync."""
-        if dtype not in (torch.float16, torch.bfloat16) or dtype in self._warned_dtypes:
+    def _warn_if_rounded_away(self, dtype: torch.dtype, autocast: bool = False) -> None:
+        """Once per dtype (and autocast or not): δ far below the resolution of low-precision
+        embeddings is rounded away by ``embed + δ``, and under low-precision autocast by the
+        first matmul after the embeddings, whose inputs (normalized activations of magnitude
+        ~1) are rounded to that dtype (R_s ≈ 0 or mostly rounding noise). A static check on the
+        configuration: no host sync."""
+        key = (dtype, autocast)
+        if dtype not in (torch.float16, torch.bfloat16) or key in self._warned_dtypes:
             return
-        self._warned_dtypes.add(dtype)
+        self._warned_dtypes.add(key)
         resolution = torch.finfo(dtype).eps
         scale = self.perturbation_scale()
-        if scale < 0.1 * resolution:
-            warnings.warn(
-                f"SMARTLoss: embed is {dtype}, whose relative resolution is {resolution:.3g}; "
-                f"a perturbation of at most ~{scale:.3g} is rounded away from embeddings of "
-                f"magnitude above ~{scale / resolution:.3g} (R_s ≈ 0). Keep the word "
-                "embeddings in float32 (float32 weights under autocast) or raise radius.",
-                stacklevel=3,
+        if scale >= 0.1 * resolution:
+            return
+        if autocast:
+            what = (
+                f"under {dtype} autocast the matmuls round their inputs to a relative resolution "
+                f"of {resolution:.3g}, so a perturbation of at most ~{scale:.3g} mostly "
+                "vanishes after the embeddings (R_s is then mostly rounding noise). Run the "
+                "SMART forwards in float32 (outside autocast) or raise radius / noise_std."
             )
+        else:
+            what = (
+                f"embed is {dtype}, whose relative resolution is {resolution:.3g}; a "
+                f"perturbation of at most ~{scale:.3g} is rounded away from embeddings of "
+                f"magnitude above ~{scale / resolution:.3g} (R_s ≈ 0). Keep the word "
+                "embeddings in float32 or raise radius / noise_std."
+            )
+        warnings.warn(f"SMARTLoss: {what}", stacklevel=5)  # the caller of smart(...)
+
+    def _eval(self, x: torch.Tensor, like: torch.Tensor, eval_kwargs: dict) -> torch.Tensor:
+        """eval_fn(x, **eval_kwargs), checked to be logits of ``like``'s shape."""
+        out = self.eval_fn(x, **eval_kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"eval_fn: expected it to return a logits tensor, got {type(out).__name__} "
+                "(for a Hugging Face model return its .logits)"
+            )
+        if out.shape != like.shape:
+            raise ValueError(
+                f"logits: expected the shape of eval_fn(embed) {tuple(out.shape)}, got "
+                f"{tuple(like.shape)} (pass the logits computed from this embed)"
+            )
+        return out
 
     def extra_repr(self) -> str:
         loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "fn")
@@ -237,7 +281,11 @@ class SMARTLoss(nn.Module):
         """ℓ_s(input, target) over the rows ``rows`` (bool input.shape[:-1], None: all) as
         configured (``grad`` and ``rows`` apply to the built-in losses)."""
         if callable(self.loss):
-            return self.loss(input, target)
+            value = self.loss(input, target)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise ValueError(f"loss: a callable loss must return a 0-d tensor, got {got}")
+            return value
         if self.loss == "mse" or input.shape[-1] == 1:
             return mse_loss(input, target, reduction=self.reduction, mask=rows, grad=grad)
         return sym_kl(
@@ -253,13 +301,35 @@ class SMARTLoss(nn.Module):
         loss_mask: torch.Tensor | None = None,
         **eval_kwargs,
     ) -> torch.Tensor:
+        """R_s for one batch.
+
+        Args:
+            embed: word embeddings [B, T, H] that produced ``logits`` (with their graph).
+            logits: ``eval_fn(embed, **eval_kwargs)``: [B, C] or [B, T, C], with gradients to
+                the model.
+            mask: bool/int [B, T] (e.g. the attention mask): padding gets no noise and is left
+                out of the norms; for token-level logits also the default ``loss_mask``.
+            loss_mask: bool/int ``logits.shape[:-1]``: the rows of ℓ_s that count, in the ascent
+                steps and in R_s (e.g. the tokens that carry a label, where every attended token
+                still gets noise). Default: ``mask`` for token-level logits, else every row.
+            **eval_kwargs: passed to ``eval_fn`` (e.g. ``attention_mask=``).
+
+        Returns:
+            The scalar R_s = ℓ_s(f(embed + δ), logits), with gradients into the model (the
+            ascent steps differentiate only w.r.t. the noise). No host synchronization.
+        """
         check_float_tensor("embed", embed)
         check_float_tensor("logits", logits)
         if embed.dim() < 2:
             raise ValueError(f"embed: expected [..., T, H], got shape {tuple(embed.shape)}")
+        if logits.dim() == 0:
+            raise ValueError("logits: expected [B, C] or [B, T, C], got a 0-d tensor")
         self._warn_if_rounded_away(embed.dtype)
-        mask = _as_bool_mask("mask", mask, embed.shape[:-1], "embed's leading dims")
-        rows = _as_bool_mask("loss_mask", loss_mask, logits.shape[:-1], "logits' leading dims")
+        device_type = embed.device.type
+        if torch.is_autocast_enabled(device_type):
+            self._warn_if_rounded_away(torch.get_autocast_dtype(device_type), autocast=True)
+        mask = _as_bool_mask("mask", mask, embed, "embed's leading dims")
+        rows = _as_bool_mask("loss_mask", loss_mask, logits, "logits' leading dims")
         if rows is None and mask is not None and mask.shape == logits.shape[:-1]:
             rows = mask  # token-level logits: padding rows do not count
         step = dict(
@@ -274,9 +344,9 @@ class SMARTLoss(nn.Module):
             # The ascent needs only d loss / d noise: autograd.grad accumulates no parameter
             # gradient, and the clean logits are a constant here.
             with torch.enable_grad():
-                adv = self.eval_fn(base + noise, **eval_kwargs)
+                adv = self._eval(base + noise, logits, eval_kwargs)
                 inner = self.divergence(adv, target, rows, self.grad)
                 (g,) = torch.autograd.grad(inner, noise)
             noise = perturb_step(noise.detach(), g, **step)
-        adv = self.eval_fn(embed + noise, **eval_kwargs)
+        adv = self._eval(embed + noise, logits, eval_kwargs)
         return self.divergence(adv, logits, rows, self.grad)

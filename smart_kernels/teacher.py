@@ -11,6 +11,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from smart_kernels import _backends
 from smart_kernels.ops._checks import FLOAT_DTYPES, check_unit_interval
 from smart_kernels.ops.ema import EmaPlan
 
@@ -149,6 +150,7 @@ class MomentumTeacher(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self._schedule = self._make_schedule(decay, schedule, total_steps)
+        _backends.check_name(backend)
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected None or one of {FLOAT_DTYPES}, got {dtype!r}")
         self.module = copy.deepcopy(_unwrap(model))

@@ -125,6 +125,24 @@ def test_explicit_backend_that_cannot_run_says_why(monkeypatch):
         sk.sym_kl(logits(3, 5), logits(3, 5), backend="triton")
 
 
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda x, b: sk.sym_kl(x, x, backend=b), "sym_kl"),
+        (lambda x, b: sk.kl(x, x, backend=b), "kl"),
+        (lambda x, b: sk.normalize(x, backend=b), "normalize"),
+        (lambda x, b: sk.perturb_step(x, x, backend=b), "perturb_step"),
+        (lambda x, b: sk.init_noise(x, backend=b), "init_noise"),
+        (lambda x, b: sk.ema(x, x, 0.9, backend=b), "ema"),
+        (lambda x, b: sk.ema_update_([x], [x], 0.9, backend=b), "ema_update_"),
+    ],
+)
+def test_backend_that_cannot_run_names_the_function(call, name):
+    """An explicit backend that cannot run on the tensors' device names the public function."""
+    with pytest.raises(RuntimeError, match=rf"^{name}: backend='native' cannot run on meta"):
+        call(torch.empty(2, 3, 4, device="meta"), "native")
+
+
 def test_env_backend_override(monkeypatch):
     from smart_kernels import _backends
 

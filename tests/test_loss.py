@@ -189,6 +189,29 @@ def test_bregman_loss_casts_teacher_logits():
         sk.bregman_loss(logits, torch.ones(6, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("loss", ["sym_kl", "mse"])
+@pytest.mark.parametrize("cols", [1, 3])
+def test_bregman_loss_bad_inputs(loss, cols):
+    """Both paths (sym_kl, and squared error for mse or one column) check the teacher's shape
+    (no broadcasting), the mask and the reduction, naming the argument."""
+    logits = torch.randn(4, cols)
+    with pytest.raises(ValueError, match="^teacher_logits: expected the shape of logits"):
+        sk.bregman_loss(logits, torch.randn(4), loss=loss)
+    with pytest.raises(ValueError, match="^teacher_logits: expected the shape of logits"):
+        sk.bregman_loss(logits, torch.randn(1, cols), loss=loss)
+    with pytest.raises(ValueError, match="^reduction:"):
+        sk.bregman_loss(logits, torch.randn(4, cols), loss=loss, reduction="avg")
+    with pytest.raises(ValueError, match="^mask:"):
+        sk.bregman_loss(logits, torch.randn(4, cols), loss=loss, mask=torch.ones(3, dtype=bool))
+    with pytest.raises(TypeError, match="^mask:"):
+        sk.bregman_loss(logits, torch.randn(4, cols), loss=loss, mask=torch.ones(4))
+    with pytest.raises(ValueError, match="^logits:"):
+        sk.bregman_loss(torch.tensor(1.0), torch.tensor(1.0), loss=loss)
+    rows = torch.tensor([True, False, True, True])
+    full = sk.bregman_loss(logits, 2 * logits, loss=loss, mask=rows.long(), reduction="none")
+    assert full.shape == (4,) and full[1] == 0 and (full[rows] > 0).all()
+
+
 def test_bregman_loss_one_column_is_squared_error():
     """Regression logits [B, 1]: D_Breg is the squared error, as R_s (not a symmetric KL over
     one class, which is always 0)."""
@@ -250,6 +273,28 @@ def test_warns_when_the_perturbation_rounds_away(dtype):
         sk.SMARTLoss(fp32, num_steps=1)(e32, fp32(e32))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_warns_under_low_precision_autocast(dtype):
+    """fp32 embeddings under bf16/fp16 autocast: the first matmul rounds its inputs to the
+    autocast dtype, so the paper's δ mostly vanishes; SMARTLoss says so once per dtype, not
+    outside autocast, and not when the radius is above the resolution."""
+    torch.manual_seed(0)
+    model = TinyEncoder(dtype=torch.float32)
+    embed = model.word(torch.randint(0, 50, (4, 7)))
+    smart = sk.SMARTLoss(model, num_steps=1)
+    with pytest.warns(UserWarning, match=f"under {dtype} autocast"):
+        with torch.autocast("cpu", dtype=dtype):
+            smart(embed, model(embed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=dtype):
+            smart(embed, model(embed))  # once
+            big = sk.SMARTLoss(model, num_steps=1, radius=0.05, step_size=0.05, noise_std=1e-2)
+            big(embed, model(embed))
+        sk.SMARTLoss(model, num_steps=1)(embed, model(embed))  # fp32, no autocast
+
+
+@pytest.mark.filterwarnings("ignore:SMARTLoss. under torch.bfloat16 autocast")
 def test_autocast_bf16_cpu():
     torch.manual_seed(0)
     model = TinyEncoder(dtype=torch.float32)
@@ -335,6 +380,7 @@ def test_inductor_matches_eager_cpu(what):
 
 BAD = [
     (dict(eval_fn=1), TypeError, "eval_fn"),
+    (dict(backend="cuda"), ValueError, "backend"),
     (dict(loss="kl"), ValueError, "loss"),
     (dict(num_steps=-1), ValueError, "num_steps"),
     (dict(num_steps=1.5), ValueError, "num_steps"),
@@ -370,3 +416,24 @@ def test_bad_forward_inputs():
         smart(torch.randn(4), logits)
     with pytest.raises(TypeError, match="^embed:"):
         smart(torch.ones(2, 3, 4, dtype=torch.long), logits)
+    with pytest.raises(TypeError, match="^mask: expected a bool or integer tensor"):
+        smart(embed, logits, mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"^logits: expected the shape of eval_fn\(embed\)"):
+        smart(embed, logits[:1])
+    with pytest.raises(ValueError, match="^logits:"):
+        smart(embed, torch.tensor(0.5))
+
+
+def test_bad_eval_fn_output_and_loss_result():
+    """eval_fn must return the logits tensor (not a model-output object); a callable loss must
+    return a scalar."""
+    embed, logits = torch.randn(2, 3, 4), torch.randn(2, 4)
+
+    class Output:  # stands in for a Hugging Face ModelOutput
+        logits = None
+
+    with pytest.raises(TypeError, match="^eval_fn: expected it to return a logits tensor"):
+        sk.SMARTLoss(lambda e: Output())(embed, logits)
+    per_row = sk.SMARTLoss(lambda e: e.sum(-2), loss=lambda a, b: ((a - b) ** 2).sum(-1))
+    with pytest.raises(ValueError, match="^loss: a callable loss must return a 0-d tensor"):
+        per_row(embed, logits)

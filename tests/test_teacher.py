@@ -307,6 +307,7 @@ def test_advance_and_set_decay():
         (dict(schedule=3), TypeError, "schedule"),
         (dict(schedule=lambda s: 2.0), ValueError, "schedule"),
         (dict(dtype=torch.int32), TypeError, "dtype"),
+        (dict(backend="cuda"), ValueError, "^backend:"),
     ],
 )
 def test_errors(kwargs, exc, text):

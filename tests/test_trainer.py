@@ -521,6 +521,7 @@ def test_no_teacher_when_off(tmp_path):
         (dict(rule="fgsm"), ValueError),
         (dict(num_steps=-1), ValueError),
         (dict(noise_std=-1e-5), ValueError),
+        (dict(backend="triton2"), ValueError),
     ],
 )
 def test_bad_arguments(kwargs, error):

@@ -431,7 +431,7 @@ def ema_update_(
     decay_tensor, value = _check_decay(decay, device)
     if device is None:
         return
-    name = _backends.choose("ema", backend, device)
+    name = _backends.choose("ema", backend, device, "ema_update_")
     with torch.no_grad():
         if prepared is None:
             _update_traced(teacher, student, decay_tensor, value, name)
@@ -477,7 +477,7 @@ def ema(
             f"student: expected the device of teacher ({teacher.device}), got {student.device}"
         )
     decay_tensor, value = _check_decay(decay, teacher.device)
-    name = _backends.choose("ema", backend, teacher.device)
+    name = _backends.choose("ema", backend, teacher.device, "ema")
     if name == "native":
         return torch.ops.smart_kernels.ema(
             teacher.contiguous(), student.contiguous(), decay_tensor, value

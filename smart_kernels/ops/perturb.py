@@ -180,7 +180,7 @@ def normalize(
     _check_embeddings("x", x, scope)
     check_choice("norm", norm, tuple(NORM_CODES))
     check_number("eps", eps, positive=True)
-    name = _backends.choose(OP, backend, x.device)
+    name = _backends.choose(OP, backend, x.device, "normalize")
     if x.numel() == 0:
         return x * 0  # empty (a group may even be empty): nothing to normalize, graph kept
     if name == "reference":
@@ -235,7 +235,7 @@ def perturb_step(
     check_number("radius", radius, allow_none=True)
     check_number("eps", eps, positive=True)
     check_row_mask(mask, noise, "noise")
-    name = _backends.choose(OP, backend, noise.device)
+    name = _backends.choose(OP, backend, noise.device, "perturb_step")
     noise, grad = noise.detach(), grad.detach()
     if noise.numel() == 0:
         return torch.empty_like(noise, memory_format=torch.contiguous_format)
@@ -292,7 +292,7 @@ def init_noise(
                 f"generator: expected a generator on {like.device.type} (like's device), "
                 f"got one on {generator.device}"
             )
-    name = _backends.choose(OP, backend, like.device)
+    name = _backends.choose(OP, backend, like.device, "init_noise")
     if name == "reference" or like.numel() == 0:
         return reference.init_noise(like.detach(), std, mask=mask, generator=generator)
     seed = torch.randint(

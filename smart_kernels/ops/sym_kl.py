@@ -141,7 +141,8 @@ def _run(
     reduction: str,
     backend: str | None,
 ) -> torch.Tensor:
-    name = _backends.choose("sym_kl", backend, input.device)
+    caller = "kl" if mode == KL_MODE else "sym_kl"
+    name = _backends.choose("sym_kl", backend, input.device, caller)
     code = REDUCTION_CODES[reduction]
     if name == "native":
         return torch.ops.smart_kernels.sym_kl(input, target, mask, mode, code)
