@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import backends_for
-from test_loss import TinyEncoder, fixed_noise, inductor_matches_eager, manual_smart
+from test_loss import TinyEncoder, compiled_matches_eager, fixed_noise, manual_smart
 
 import smart_kernels as sk
 
@@ -57,7 +57,7 @@ def test_autocast_and_compiled_model(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("what", ["model", "loss"])
 def test_inductor_matches_eager(backend, what):
-    inductor_matches_eager("cuda", backend, what)
+    compiled_matches_eager("cuda", backend, what)
 
 
 def _step_parts(backend: str, token_level: bool):
