@@ -102,7 +102,12 @@ def time_call(
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak memory during ``fn`` above what was allocated before it (CUDA only; None on CPU)."""
+    """Peak tensor memory during ``fn`` above what was allocated before it: CUDA from the
+    caching allocator's statistics; CPU from the allocator's events under the profiler
+    (``profile_memory``: every allocation and free, in order; the running sum's maximum); None
+    on other devices."""
+    if device.type == "cpu":
+        return _cpu_peak_extra_bytes(fn)
     if device.type != "cuda":
         return None
     sync(device)
@@ -111,6 +116,21 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == cpu]  # fmt: skip
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # < 0 for a free
+        peak = max(peak, live)
+    return peak
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -68,7 +68,8 @@ def test_every_provider_has_numbers_or_a_reason(smoke_run):
     measured = {(r["op"], r["provider"]) for r in rows if r["metric"] == "time"}
     assert {("sym_kl", "ours-native"), ("sym_kl", "eager"), ("kl", "compile")} <= measured
     metrics = {r["metric"] for r in rows}
-    assert {"time", "bandwidth", "pct_copy_bw", "speedup_vs_compile", "speedup_vs_eager"} <= metrics
+    assert {"time", "bandwidth", "pct_copy_bw", "speedup_vs_compile", "speedup_vs_eager",
+            "peak_extra_mem"} <= metrics  # fmt: skip
 
 
 def test_summary_printed(smoke_run):
@@ -142,3 +143,20 @@ def test_checkpoint_after_each_measurement(tmp_path):
     assert times == list(range(1, 2 * n_cases + 1))
     assert seen[-1] == rows and all(r["device"] for r in rows)
     assert any(r["metric"] == "speedup_vs_eager" for r in seen[-1])
+
+
+def test_cpu_peak_memory_counts_live_tensors():
+    """On CPU the peak comes from the allocator's events: here y and z (4 MB each) are alive
+    together, then y is freed before the third."""
+    from benchmarks.common import peak_extra_bytes
+
+    x = torch.randn(1000, 1000)
+
+    def fn():
+        y = x * 2
+        z = y + 1
+        del y
+        return (z * 3).sum()
+
+    peak = peak_extra_bytes(fn, torch.device("cpu"))
+    assert 8_000_000 <= peak < 8_000_000 + 4096
