@@ -104,8 +104,9 @@ def time_call(
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak tensor memory during ``fn`` above what was allocated before it: CUDA from the
     caching allocator's statistics; CPU from the allocator's events under the profiler
-    (``profile_memory``: every allocation and free, in order; the running sum's maximum); None
-    on other devices."""
+    (``profile_memory``: every allocation and free, in order; the running sum's maximum; a free
+    of a block allocated before ``fn`` is not reported, so the CPU figure can over-count by
+    those); None on other devices."""
     if device.type == "cpu":
         return _cpu_peak_extra_bytes(fn)
     if device.type != "cuda":

@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
 
     ops = [known[n] for n in names]
     progress = not args.no_progress
-    rows, env, copy_bw = run(ops, modes, size_name, device, budget, progress, only, checkpoint)
+    # Partial results only into an explicit --out (never over the committed results/<device>/)
+    save = checkpoint if args.out else None
+    rows, env, copy_bw = run(ops, modes, size_name, device, budget, progress, only, save)
     paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)
     print(report.summary_table(rows))
     n_plots = sum(p.endswith(".png") for p in paths)

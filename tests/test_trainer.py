@@ -146,6 +146,17 @@ def test_trains_and_updates_teacher(tmp_path, task):
     train_and_check(tmp_path, task)
 
 
+def test_warns_that_bf16_mixed_precision_rounds_the_paper_radius_away(tmp_path):
+    """Trainer(bf16=True): autocast is on only inside the model's forward, so SmartTrainer
+    itself gives SMARTLoss the autocast dtype; with the paper's radius (1e-5) it warns once."""
+    model = make_model("sequence")
+    args = make_args(tmp_path, bf16=True, max_steps=2)
+    trainer = SmartTrainer(model=model, args=args, train_dataset=make_data("sequence"))
+    with pytest.warns(UserWarning, match="under torch.bfloat16 autocast") as record:
+        trainer.train()
+    assert sum("autocast" in str(w.message) for w in record) == 1
+
+
 def test_teacher_is_ema_of_trajectory_once_per_optimizer_step(tmp_path):
     model = make_model("sequence")
     theta0 = params(model)

@@ -72,6 +72,10 @@ IGNORE_INDEX = -100  # the label of positions that carry no target (transformers
 LOG_KEYS = ("smart_loss", "bregman_loss")
 
 
+# accelerate's mixed_precision setting -> the autocast dtype of the model's forward
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass(frozen=True)
 class SmartArguments:
     """SMART's hyperparameters for :class:`SmartTrainer` (validated on creation).
@@ -305,6 +309,9 @@ class SmartTrainer(Trainer):
             # static_graph=True extra forwards through it give wrong gradients without an error.
             # Other wrappers (FSDP) stay: their forward gathers the parameters.
             adv_model = model.module if isinstance(model, DistributedDataParallel) else model
+            low = _AUTOCAST_DTYPES.get(getattr(self.accelerator, "mixed_precision", "no"))
+            if low is not None:  # accelerate's autocast is on inside model.forward only
+                self._smart_losses[kind]._warn_if_rounded_away(low, autocast=True)
             r_s = self._smart_losses[kind](
                 embed, logits, mask=mask, loss_mask=rows, model=adv_model,
                 model_kwargs=model_kwargs,
