@@ -7,7 +7,8 @@ teacher, bf16 student.
 * CUDA: BERT-base (bert-base-uncased + a 2-class head, built from its config by hand: 201
   tensors, 109,483,778 elements) fp32 and fp32+bf16; 200 x 6,500,000 (1.3B) fp32.
   ``--quick``: the two BERT-base cases.
-* CPU: a BERT-like list with hidden size 128, 2 layers (41 tensors, 4.3M elements), both dtypes.
+* CPU: a BERT-like list with hidden size 128, 2 layers (41 tensors, 4,386,178 elements), both
+  dtypes.
 * smoke: 3 x 1000 fp32 and a 41-tensor toy list fp32+bf16.
 The tensors are views of one flat buffer per side (each view starting 256-byte aligned, as
 separately allocated parameters would), so that ``flat-lerp`` can update them all at once.

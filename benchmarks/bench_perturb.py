@@ -7,15 +7,22 @@ eps), -radius, radius)`` in fp32), ``torch.compile`` of it, ours (native, triton
 Minimal bytes: 3 passes (read noise, read grad, write the new noise).
 
     python -m benchmarks --op perturb_step,perturb_step_seq [harness options]
+    python benchmarks/bench_perturb.py [harness options]    (the same)
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
-import smart_kernels as sk
-from benchmarks.spec import Case, OpBench, Provider
-from smart_kernels import reference
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import smart_kernels as sk  # noqa: E402
+from benchmarks.spec import Case, OpBench, Provider  # noqa: E402
+from smart_kernels import reference  # noqa: E402
 
 GPU_CASES = [Case((32, 128, 768), torch.float32), Case((8, 2048, 4096), torch.bfloat16)]
 CPU_CASES = [Case((8, 128, 768), torch.float32), Case((2, 512, 1024), torch.bfloat16)]
@@ -64,3 +71,8 @@ PERTURB_SEQUENCE = OpBench(
     "perturb_step_seq", cases, make_inputs, _providers("sequence"), min_bytes, modes=("fwd",)
 )
 OPS = [PERTURB_TOKEN, PERTURB_SEQUENCE]
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    main(default_ops="perturb_step,perturb_step_seq")

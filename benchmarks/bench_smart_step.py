@@ -34,12 +34,13 @@ and loss objects are created on the first (warm-up) call, so the timed steps exc
 Harness fit: the op has mode "full" only; a provider's ``fn(*inputs)`` runs the whole step
 (forward, ``backward()``, ``optimizer.step()``, ``zero_grad``) and returns the loss detached as a
 0-d leaf requiring grad, so the harness's own ``.backward()`` on it is a no-op-sized fill.
-Bytes: a step has no meaningful minimal byte count; ``min_bytes`` is 3x the parameter bytes (an
-SGD update's read θ, read ∇θ, write θ): GB/s is just steps per second in other units, and the
-size keeps the GPU models above the launch-bound threshold (timed with do_bench). Use a
-larger ``--budget-ms`` (e.g. 2000) for more than a few samples per provider on the GPU cases.
+Rows: time, samples and peak memory only (``bandwidth=False``: a step has no meaningful minimal
+byte count); ``min_bytes`` (3x the parameter bytes) only keeps the GPU models above the
+launch-bound threshold (timed with do_bench). Use a larger ``--budget-ms`` (e.g. 2000) for more
+than the minimum of 5 samples per provider on the GPU cases.
 
-    python -m benchmarks --op smart_step --mode full [--quick] [--budget-ms 2000]
+    python -m benchmarks --op smart_step [--quick] [--budget-ms 2000]
+    python benchmarks/bench_smart_step.py [harness options]
 """
 
 from __future__ import annotations
@@ -49,14 +50,19 @@ import copy
 import functools
 import gc
 import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-import smart_kernels as sk
-from benchmarks.spec import Case, OpBench, Provider
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import smart_kernels as sk  # noqa: E402
+from benchmarks.spec import Case, OpBench, Provider  # noqa: E402
 
 # Timed at the paper's δ under bf16 autocast, where SMARTLoss warns that δ is below the matmul
 # inputs' resolution (true, and irrelevant to the cost): not repeated for every measurement.
@@ -83,7 +89,7 @@ MODELS: dict[str, tuple[str, dict]] = {
 
 
 def _case(model: str, b: int, t: int, c: int, dtype: torch.dtype) -> Case:
-    return Case((b, t, c), dtype, (("model", model),))
+    return Case((b, t, c), dtype, (("model", model),), name=model)  # label "gpt2-small 8x512x50257"
 
 
 BERT_BASE = _case("bert-base", 32, 128, 2, torch.bfloat16)
@@ -287,5 +293,12 @@ def providers(device: torch.device) -> list[Provider]:
     return out
 
 
-SMART_STEP = OpBench("smart_step", cases, make_inputs, providers, min_bytes, modes=("full",))
+SMART_STEP = OpBench(
+    "smart_step", cases, make_inputs, providers, min_bytes, modes=("full",), bandwidth=False
+)
 OPS = [SMART_STEP]
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    main(default_ops="smart_step")

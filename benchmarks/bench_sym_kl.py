@@ -1,14 +1,19 @@
-"""sym_kl and kl benchmarks (forward, backward, forward + backward; gradients to both inputs).
+"""sym_kl, sym_kl_full and kl benchmarks (forward, backward, forward + backward; gradients to
+both inputs).
 
 Providers: eager PyTorch in the formulation peers use (mt-dnn / smart-pytorch for sym_kl:
 ``kl_div(log_softmax(a), softmax(b).detach()) + kl_div(log_softmax(b), softmax(a).detach())``,
 batchmean; ``F.kl_div(log_softmax(a), softmax(b))`` for kl), ``torch.compile`` of it, ours
 (native, triton) and Liger-Kernel (sym_kl composed from ``log_softmax`` + ``LigerJSD(beta=0)``,
 which is KL(P||Q) on log-probabilities, in both directions with stop-gradient targets).
+``sym_kl_full`` is the exact gradient (``grad="full"``, the default of ``sk.sym_kl`` and
+``SMARTLoss``): eager is the same two ``kl_div`` terms without ``.detach()``; Liger has no
+exact-gradient formulation (its JSD differentiates only its input).
 Minimal bytes: fwd reads both rows (2·N·V), bwd reads both and writes both gradients (4·N·V),
 fwd+bwd 4·N·V (the issue's convention: a fused kernel that kept rows on chip would need no more).
 
-    python benchmarks/bench_sym_kl.py [harness options]    (= python -m benchmarks --op sym_kl,kl)
+    python benchmarks/bench_sym_kl.py [harness options]
+                                       (= python -m benchmarks --op sym_kl,sym_kl_full,kl)
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ def mtdnn_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return loss + F.kl_div(F.log_softmax(b, -1), F.softmax(a, -1).detach(), reduction="batchmean")
 
 
+def exact_sym_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(Q||P) + KL(P||Q) differentiated through both arguments of both terms, batchmean."""
+    loss = F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="batchmean")
+    return loss + F.kl_div(F.log_softmax(b, -1), F.softmax(a, -1), reduction="batchmean")
+
+
 def eager_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="batchmean")
 
@@ -78,8 +89,9 @@ def _ours(op: str, device: torch.device) -> list[Provider]:
         if name == "reference":
             continue
         reason = info.reason(device)
-        if op == "sym_kl":
-            fn = lambda a, b, _n=name: sk.sym_kl(a, b, grad="stop_grad", backend=_n)  # noqa: E731
+        if op in ("sym_kl", "sym_kl_full"):
+            grad = "stop_grad" if op == "sym_kl" else "full"
+            fn = lambda a, b, _n=name, _g=grad: sk.sym_kl(a, b, grad=_g, backend=_n)  # noqa: E731
         else:
             fn = lambda a, b, _n=name: sk.kl(a, b, backend=_n)  # noqa: E731
         out.append(Provider(f"ours-{name}", None if reason else fn, reason))
@@ -122,6 +134,16 @@ def sym_kl_providers(device: torch.device) -> list[Provider]:
     ]
 
 
+def sym_kl_full_providers(device: torch.device) -> list[Provider]:
+    return [
+        Provider("eager", exact_sym_kl),
+        Provider("compile", _compile(exact_sym_kl)),
+        *_ours("sym_kl_full", device),
+        Provider("liger", skip="LigerJSD differentiates only its input (stop-gradient target): "
+                 "no exact-gradient symmetric KL"),
+    ]  # fmt: skip
+
+
 def kl_providers(device: torch.device) -> list[Provider]:
     return [
         Provider("eager", eager_kl),
@@ -131,10 +153,11 @@ def kl_providers(device: torch.device) -> list[Provider]:
 
 
 SYM_KL = OpBench("sym_kl", cases, make_inputs, sym_kl_providers, min_bytes)
+SYM_KL_FULL = OpBench("sym_kl_full", cases, make_inputs, sym_kl_full_providers, min_bytes)
 KL = OpBench("kl", cases, make_inputs, kl_providers, min_bytes)
-OPS = [SYM_KL, KL]
+OPS = [SYM_KL, SYM_KL_FULL, KL]
 
 if __name__ == "__main__":
     from benchmarks.harness import main
 
-    main(default_ops="sym_kl,kl")
+    main(default_ops="sym_kl,sym_kl_full,kl")

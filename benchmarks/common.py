@@ -4,11 +4,13 @@ Benchmarks report; they never assert."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,13 +19,22 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+MIN_SAMPLES = 5  # timed samples per measurement, whatever the budget (quantiles of fewer lie)
+
+
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds per call: median and the 20th / 80th percentiles."""
+    """Milliseconds per call: median and the 20th / 80th percentiles of ``n`` samples (a sample
+    is one call, or the mean of a block of calls)."""
 
     p50: float
     p20: float
     p80: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Timing:
+        return cls(*(_quantile(samples, q) for q in (0.5, 0.2, 0.8)), len(samples))
 
 
 def device_name(device: torch.device) -> str:
@@ -52,12 +63,14 @@ def time_call(
     budget_ms: float = 200.0,
     launch_bound: bool = False,
 ) -> Timing:
-    """Time ``fn`` after warm-up. CUDA: ``triton.testing.do_bench``, which also clears the L2 cache
-    before every call (so large inputs are never served from L2). With ``launch_bound`` (tiny
-    inputs) the calls run back to back instead, in batches timed by CUDA events: do_bench's L2
-    clearing would hide the host's launch overhead, which is what such a call costs in training.
+    """Time ``fn`` after warm-up: at least MIN_SAMPLES samples, more while ``budget_ms`` lasts.
+    CUDA: ``triton.testing.do_bench``, which also clears the L2 cache before every call (so large
+    inputs are never served from L2); a call longer than the budget allows for MIN_SAMPLES gets a
+    second do_bench for the missing samples. With ``launch_bound`` (tiny inputs) the calls run
+    back to back instead, in batches timed by CUDA events: do_bench's L2 clearing would hide the
+    host's launch overhead, which is what such a call costs in training.
     CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means, all intra-op
-    threads)."""
+    threads), topped up with blocks of the same size; caches are not flushed on CPU."""
 
     def call():
         for t in grad_to_none:
@@ -67,14 +80,14 @@ def time_call(
     if device.type == "cuda" and not launch_bound:
         from triton.testing import do_bench
 
-        p50, p20, p80 = do_bench(
-            fn,
-            warmup=max(budget_ms / 4, 5),
-            rep=budget_ms,
-            grad_to_none=list(grad_to_none) or None,
-            quantiles=[0.5, 0.2, 0.8],
-        )
-        return Timing(p50, p20, p80)
+        def bench(warmup: float, rep: float) -> list[float]:
+            grads = list(grad_to_none) or None
+            return list(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="all"))
+
+        times = bench(max(budget_ms / 4, 5), budget_ms)
+        if len(times) < MIN_SAMPLES:  # do_bench times rep / (its estimate) calls, at least one
+            times += bench(1e-3, (MIN_SAMPLES - len(times) + 0.5) * max(times))
+        return Timing.of(times)
     if device.type == "cuda":
         for _ in range(10):
             call()
@@ -88,7 +101,7 @@ def time_call(
             end.record()
             end.synchronize()
             means.append(start.elapsed_time(end) / 50)
-        return Timing(_quantile(means, 0.5), _quantile(means, 0.2), _quantile(means, 0.8))
+        return Timing.of(means)
     from torch.utils import benchmark
 
     call()  # warm-up
@@ -98,7 +111,9 @@ def time_call(
     )
     m = timer.blocked_autorange(min_run_time=budget_ms / 1e3)
     times = [t * 1e3 for t in m.times]
-    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
+    while len(times) < MIN_SAMPLES:  # a call longer than the budget: autorange ran one block
+        times.append(timer.timeit(m.number_per_run).mean * 1e3)
+    return Timing.of(times)
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -119,10 +134,29 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
     return torch.cuda.max_memory_allocated(device) - base
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null (the C++ profiler logs "USDT ... profiler_start/stop" lines
+    there on every use, with no setting to turn them off)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # fn has run (warm-up, timing) before this call: its own messages were seen then.
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     cpu = torch._C._autograd.DeviceType.CPU
     events = [e for e in prof.profiler.kineto_results.events()
@@ -135,7 +169,9 @@ def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device copy bandwidth, bytes read + written per second, in GB/s (a large copy)."""
+    """Device copy bandwidth, bytes read + written per second, in GB/s (a large copy: DRAM / HBM,
+    not a cache; on CPU, where caches are not flushed between calls, a case small enough to stay
+    in the last-level cache can exceed 100% of it)."""
     if device.type == "cpu":
         nbytes = min(nbytes, 256 << 20)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

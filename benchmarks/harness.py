@@ -2,15 +2,21 @@
 markdown table and plots.
 
     python -m benchmarks [--op sym_kl,kl|all] [--mode fwd,bwd,full] [--quick|--smoke]
-                         [--device cpu|cuda] [--out DIR]
+                         [--device cpu|cuda] [--out DIR] [--merge]
 
 Every requested provider yields numbers, a row saying why it was skipped, or an "error" row (the
 exit status is non-zero when one of ours errors). Tiny (launch-bound) cases are timed back to
 back rather than with L2 flushes between calls. ``fwd`` is a training forward (inputs require
 grad); ``bwd`` repeats the backward of one retained graph; ``full`` is forward + backward.
-Timing: median and p20/p80 (``benchmarks/common.py``); effective bandwidth from each op's minimal
-byte count, and its % of the copy bandwidth measured at the start of the same run; peak memory
-above the inputs (MiB).
+Timing: median and p20/p80 of at least 5 samples (``benchmarks/common.py``); effective bandwidth
+from each op's minimal byte count, and its % of the copy bandwidth measured at the start of the
+same run; peak memory above the inputs (MiB).
+
+Output goes to benchmarks/out/<device>/ (not tracked) unless ``--out`` names a directory; the CSV
+and markdown are rewritten after every measurement (a run stopped by a time limit keeps what it
+finished). ``--merge`` keeps the rows already in that directory's results.csv and replaces only
+those this run measures again (same op, provider, mode, shape, dtype): the way to update the
+committed results, e.g. ``--out benchmarks/results/cpu-2cores --merge``.
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ def _mode_callable(provider: Provider, inputs: list[torch.Tensor], mode: str):
 
 def measure(
     op: OpBench, case: Case, provider: Provider, mode: str, device: torch.device,
-    copy_bw: float, budget_ms: float,
+    copy_bw: float, budget_ms: float, config: str = "",
 ) -> list[dict]:  # fmt: skip
-    """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode."""
+    """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode; the time
+    row's note holds the sample count and ``config`` (e.g. "n=12, size=quick, ...")."""
     key = {"op": op.name, "provider": provider.name, "mode": mode, "shape": case.label,
            "dtype": case.dtype_name}  # fmt: skip
     if provider.skip is not None:
@@ -75,13 +82,15 @@ def measure(
         inputs = fn = grads = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    nbytes = op.min_bytes(case, mode)
-    gbps = [nbytes / (max(ms, 1e-9) * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
-    rows = [
-        report.row(key, "time", "ms", t.p50, t.p20, t.p80),
-        report.row(key, "bandwidth", "GB/s", *gbps),
-        report.row(key, "pct_copy_bw", "%", *(100 * g / copy_bw for g in gbps)),
-    ]
+    note = ", ".join(x for x in (f"n={t.n}", config) if x)
+    rows = [{**report.row(key, "time", "ms", t.p50, t.p20, t.p80), "note": note}]
+    if op.bandwidth:
+        nbytes = op.min_bytes(case, mode)
+        gbps = [nbytes / (max(ms, 1e-9) * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
+        rows += [
+            report.row(key, "bandwidth", "GB/s", *gbps),
+            report.row(key, "pct_copy_bw", "%", *(100 * g / copy_bw for g in gbps)),
+        ]
     if peak is not None:
         rows.append(report.row(key, "peak_extra_mem", "MiB", peak / 2**20))
     return rows
@@ -95,6 +104,7 @@ def run(
     """All measurements; ``checkpoint(rows, copy_bw)``, if given, gets the rows so far after each
     one (so a run killed by a time limit still leaves its finished measurements)."""
     env = common.environment(device)
+    config = run_config(size, budget_ms)
     copy_bw = common.copy_bandwidth_gbps(device)
     print(
         f"== smart_kernels benchmarks on {env['device']} | torch {env['torch']} | triton "
@@ -114,10 +124,20 @@ def run(
     for op, case, provider, mode in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{op.name} {case.label} {provider.name} {mode}")
-        rows += measure(op, case, provider, mode, device, copy_bw, budget_ms)
+        rows += measure(op, case, provider, mode, device, copy_bw, budget_ms, config)
         if checkpoint is not None:
             checkpoint(_finish(rows, env), copy_bw)
     return _finish(rows, env), env, copy_bw
+
+
+def run_config(size: str, budget_ms: float) -> str:
+    """What the run was asked for, recorded with every time row: the case set, the timing budget,
+    the intra-op threads, and the settings that change which code runs."""
+    parts = [f"size={size}", f"budget_ms={budget_ms:g}", f"threads={torch.get_num_threads()}"]
+    for var in ("TRITON_INTERPRET", "SMART_KERNELS_BACKEND", "SMART_KERNELS_CPU_ISA"):
+        if os.environ.get(var):
+            parts.append(f"{var}={os.environ[var]}")
+    return ", ".join(parts)
 
 
 def _finish(rows: list[dict], env: dict[str, str]) -> list[dict]:
@@ -135,60 +155,107 @@ def _progress(jobs, enabled):
     return tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=None)  # off if not a tty
 
 
+def _parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu, cuda or cuda:<index>, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: no CUDA device visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--op", default=default_ops, help="comma-separated op names, or all")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    known = all_ops()
+    parser.add_argument("--op", default=default_ops,
+                        help=f"comma-separated, or all (default {default_ops}): "
+                             f"{', '.join(known)}")  # fmt: skip
     parser.add_argument("--mode", default=",".join(MODES), help="comma-separated: fwd,bwd,full")
-    parser.add_argument("--provider", default=None, help="comma-separated provider names")
+    parser.add_argument(
+        "--provider",
+        default=None,
+        help="comma-separated provider names (default: all of each op's)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     size.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
-    parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per run")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:<index> (default: cuda if visible)",
+    )
+    parser.add_argument("--out", default=None, help="default: benchmarks/out/<device>/")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in OUT/results.csv that this run does not "
+                             "measure again")  # fmt: skip
+    parser.add_argument(
+        "--budget-ms",
+        type=float,
+        default=None,
+        help="timing budget per measurement, ms (default 200; --quick 100, "
+        "--smoke 20); at least 5 samples are taken whatever it is",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    known = all_ops()
     names = list(known) if args.op == "all" else [n.strip() for n in args.op.split(",")]
+    names = list(dict.fromkeys(names))  # --op kl,kl measures kl once
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--op: unknown {unknown}; available: {sorted(known)}")
-    modes = [m.strip() for m in args.mode.split(",")]
+    modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",")))
     if any(m not in MODES for m in modes):
         parser.error(f"--mode: expected some of {MODES}, got {args.mode!r}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device visible")
+    if args.op != "all":  # an op named explicitly must have one of the modes asked for
+        for n in names:
+            if not set(modes) & set(known[n].modes):
+                parser.error(f"--mode {args.mode}: {n} has modes {', '.join(known[n].modes)}")
+    names = [n for n in names if set(modes) & set(known[n].modes)]
+    if not names:
+        parser.error(f"--mode {args.mode}: no op of --op {args.op} has it")
+    device = _parse_device(parser, args.device)
     size_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.budget_ms is not None and not args.budget_ms > 0:
+        parser.error(f"--budget-ms: expected a positive number of ms, got {args.budget_ms:g}")
     budget = args.budget_ms or (20.0 if args.smoke else 100.0 if args.quick else 200.0)
 
     only = None if args.provider is None else {p.strip() for p in args.provider.split(",")}
     if only is not None:
-        available = {p.name for n in names for p in known[n].providers(torch.device(args.device))}
+        available = {p.name for n in names for p in known[n].providers(device)}
         if only - available:
             parser.error(f"--provider: unknown {sorted(only - available)}; "
                          f"available: {sorted(available)}")  # fmt: skip
     out_dir = args.out or os.path.join(
-        common.ROOT, "benchmarks", "results", common.device_name(device).replace(" ", "_")
+        common.ROOT, "benchmarks", "out", common.device_name(device).replace(" ", "_")
     )
+    kept = report.read_csv(os.path.join(out_dir, "results.csv")) if args.merge else []
 
     def checkpoint(rows: list[dict], copy_bw: float) -> None:  # CSV + markdown, no plots
-        report.write_all(rows, out_dir, copy_bw, plots=False)
+        report.write_all(report.merge(kept, rows), out_dir, copy_bw, plots=False)
 
     ops = [known[n] for n in names]
-    progress = not args.no_progress
-    # Partial results only into an explicit --out (never over the committed results/<device>/)
-    save = checkpoint if args.out else None
-    rows, env, copy_bw = run(ops, modes, size_name, device, budget, progress, only, save)
+    rows, env, copy_bw = run(
+        ops, modes, size_name, device, budget, not args.no_progress, only, checkpoint
+    )
+    n_new, rows = len(rows), report.merge(kept, rows)
     paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)
     print(report.summary_table(rows))
-    n_plots = sum(p.endswith(".png") for p in paths)
-    print(f"wrote {paths[0]}, {paths[1]} and {n_plots} plots under {out_dir}")
-    errors = [r for r in rows if r["metric"] == "error"]
+    errors = [r for r in rows if r["metric"] == "error" and r["timestamp"] == env["timestamp"]]
     for r in errors:
         print(f"ERROR {r['op']} {r['provider']} {r['mode']} {r['shape']} {r['dtype']}: {r['note']}")
+    n_plots = sum(p.endswith(".png") for p in paths)
+    print(f"wrote {paths[0]}, {paths[1]} and {n_plots} plots under {out_dir}"
+          + (f" (with {len(rows) - n_new} earlier rows kept)" if kept else ""))  # fmt: skip
     if any(r["provider"].startswith("ours") for r in errors):
         sys.exit(1)  # our own kernels failing is a failure of the run, not a skip
 

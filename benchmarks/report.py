@@ -3,18 +3,24 @@ short summary table printed last.
 
     python -m benchmarks.report RESULTS.csv [OUT_DIR]    re-render markdown + plots from a CSV
     python -m benchmarks.report --summary RESULTS.csv    print the short summary table
+    python -m benchmarks.report NEW.csv --merge-into DIR merge NEW's rows into DIR/results.csv
+                                                         (same key: NEW's replace), re-render
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
+import glob
 import os
+import re
 from collections import defaultdict
 
 # The CSV schema: one row per (op, provider, mode, shape, dtype, metric). Skipped providers get
 # metric "skipped" and the reason in "note"; a provider that raised gets metric "error" and the
-# message. Environment columns repeat on every row.
+# message; a "time" row's note says how many samples it has and how the run was configured
+# ("n=12, size=quick, budget_ms=100, threads=2"). Environment columns repeat on every row.
 KEY_COLUMNS = ["op", "provider", "mode", "shape", "dtype"]
 VALUE_COLUMNS = ["metric", "unit", "p50", "p20", "p80", "note"]
 ENV_COLUMNS = ["device", "torch", "triton", "smart_kernels", "python", "git_commit", "timestamp"]
@@ -56,11 +62,33 @@ def speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _key(r: dict) -> tuple:
+    return tuple(r[c] for c in KEY_COLUMNS)
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows whose key (op, provider, mode, shape, dtype) ``new`` does not measure, then
+    ``new``: every metric of a re-measured key comes from the new run (ratios stay within one
+    run)."""
+    fresh = {_key(r) for r in new}
+    return [r for r in old if _key(r) not in fresh] + new
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of a results CSV ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _pivot(rows: list[dict]) -> dict[tuple, dict[str, str]]:
     table: dict[tuple, dict[str, str]] = defaultdict(dict)
     for r in rows:
-        k = tuple(r[c] for c in KEY_COLUMNS)
-        table[k][r["metric"]] = r["note"] if r["metric"] in ("skipped", "error") else r["p50"]
+        m = table[_key(r)]
+        m[r["metric"]] = r["note"] if r["metric"] in ("skipped", "error") else r["p50"]
+        if r["metric"] == "time":
+            m["n"] = (re.match(r"n=(\d+)", r.get("note") or "") or [None, ""])[1]
     return table
 
 
@@ -68,13 +96,51 @@ def _num(s: str | None, digits: int) -> str:
     return "" if not s else f"{float(s):.{digits}f}"
 
 
+def _sig(s: str | None, sig: int = 3) -> str:
+    """``sig`` significant figures, never an exponent for large values (3001, 782, 5.34,
+    0.0112)."""
+    if not s:
+        return ""
+    v = float(s)
+    if v == 0 or abs(v) >= 10 ** (sig - 1):
+        return f"{v:.0f}"
+    return f"{v:.{sig}g}"
+
+
 def copy_bandwidth_of(rows: list[dict]) -> float:
     """The copy bandwidth a run measured, recovered from its bandwidth and % rows (0 if none)."""
-    bw = {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
-          if r["metric"] == "bandwidth"}  # fmt: skip
+    bw = {_key(r): float(r["p50"]) for r in rows if r["metric"] == "bandwidth"}
     return next((bw[k] * 100 / float(r["p50"]) for r in rows
                  if r["metric"] == "pct_copy_bw" and float(r["p50"]) > 0
-                 and (k := tuple(r[c] for c in KEY_COLUMNS)) in bw), 0.0)  # fmt: skip
+                 and (k := _key(r)) in bw), 0.0)  # fmt: skip
+
+
+def _step_ops(rows: list[dict]) -> set[str]:
+    """End-to-end ops: those compared with smart-pytorch / the floor, not with compile."""
+    return {
+        r["op"] for r in rows if r["metric"] in ("speedup_vs_smart_pytorch", "speedup_vs_floor")
+    }
+
+
+def _run_header(run: list[dict], copy_bw: float) -> str:
+    first = run[0]
+    config = next((re.sub(r"^n=\d+(, )?", "", r.get("note") or "") for r in run
+                   if r["metric"] == "time"), "")  # fmt: skip
+    text = (f"torch {first.get('torch', '')}, triton {first.get('triton', '') or '-'}, commit "
+            f"{first.get('git_commit', '') or '-'}, {first.get('timestamp', '')}")  # fmt: skip
+    if config:
+        text += f" ({config})"
+    if copy_bw > 0:
+        text += f"; copy bandwidth {copy_bw:.0f} GB/s measured in the same run"
+    text += f" (ops: {', '.join(dict.fromkeys(r['op'] for r in run))})."
+    if "TRITON_INTERPRET=1" in config:
+        text += (" ours-triton ran under the Triton interpreter (TRITON_INTERPRET=1): its times "
+                 "are the interpreter's, not a compiled kernel's.")  # fmt: skip
+    return text
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def markdown(rows: list[dict], copy_bw: float) -> str:
@@ -82,36 +148,39 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
     runs: dict[str, list[dict]] = {}  # one harness run = one start timestamp
     for r in rows:
         runs.setdefault(r.get("timestamp", ""), []).append(r)
-    header = [
-        f"torch {run[0].get('torch', '')}, triton {run[0].get('triton', '') or '-'}, commit "
-        f"{run[0].get('git_commit', '') or '-'}, {stamp}; copy bandwidth "
-        f"{copy_bw if len(runs) == 1 else copy_bandwidth_of(run):.0f} GB/s measured in the same "
-        f"run (ops: {', '.join(dict.fromkeys(r['op'] for r in run))})."
-        for stamp, run in runs.items()
-    ]
+    header = [_run_header(run, copy_bw if len(runs) == 1 else copy_bandwidth_of(run))
+              for run in runs.values()]  # fmt: skip
     lines = [
         f"# smart_kernels benchmarks: {env.get('device', '')}",
         "",
         *(f"* {h}" if len(header) > 1 else h for h in header),
         "",
-        "Times are medians (ms); GB/s uses each op's minimal byte count; x = speedup over "
-        "torch.compile / eager within the same run.",
+        "Times are medians (ms) of n samples; GB/s uses each op's minimal byte count; x = speedup "
+        "over torch.compile / eager within the same run.",
+    ]
+    if str(env.get("device", "")).startswith("cpu"):
+        lines += [
+            "",
+            "CPU: caches are not flushed between calls, so a case that fits in the last-level "
+            "cache can exceed 100% of the copy bandwidth (a large copy).",
+        ]
+    lines += [
         "",
-        "| op | shape | dtype | mode | provider | ms | GB/s | % copy BW | peak MiB | x compile "
-        "| x eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | dtype | mode | provider | ms | n | GB/s | % copy BW | peak MiB "
+        "| x compile | x eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
         for status in ("skipped", "error"):
             if status in m:
                 lines.append(f"| {op} | {shape} | {dtype} | {mode} | {provider} | {status}: "
-                             f"{m[status]} | | | | | |")  # fmt: skip
+                             f"{_cell(m[status])} | | | | | | |")  # fmt: skip
         if "skipped" in m or "error" in m:
             continue
         lines.append(
-            f"| {op} | {shape} | {dtype} | {mode} | {provider} | {_num(m.get('time'), 4)} | "
-            f"{_num(m.get('bandwidth'), 0)} | {_num(m.get('pct_copy_bw'), 0)} | "
-            f"{_num(m.get('peak_extra_mem'), 1)} | {_num(m.get('speedup_vs_compile'), 2)} | "
+            f"| {op} | {shape} | {dtype} | {mode} | {provider} | {_sig(m.get('time'), 4)} | "
+            f"{m.get('n', '')} | {_sig(m.get('bandwidth'))} | {_sig(m.get('pct_copy_bw'))} | "
+            f"{_sig(m.get('peak_extra_mem'))} | {_num(m.get('speedup_vs_compile'), 2)} | "
             f"{_num(m.get('speedup_vs_eager'), 2)} |"
         )
     step = step_table(rows)
@@ -121,52 +190,66 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
             "## End-to-end step (smart_step)",
             "",
             "One training step per provider (same model, batch, AdamW). x smart-pytorch = "
-            "smart-pytorch's ms / this ms (> 1: faster); / floor = this ms / the floor's ms "
-            "(the model passes ours-paper needs; 1.15 = 15% above it).",
+            "smart-pytorch's ms / this ms (> 1: faster); / floor = ours-paper's ms / the floor's "
+            "ms (the model passes ours-paper needs, its teacher forward included; 1.15 = 15% "
+            "above it; not shown for the other providers, which need no teacher).",
             "",
-            "| case | dtype | provider | ms | peak MiB | x smart-pytorch | / floor |",
-            "|---|---|---|---|---|---|---|",
+            "| case | dtype | provider | ms | n | peak MiB | x smart-pytorch | / floor |",
+            "|---|---|---|---|---|---|---|---|",
             *(f"| {' | '.join(cells)} |" for cells in step),
         ]
     return "\n".join(lines) + "\n"
 
 
+FLOOR_PROVIDERS = ("ours-paper", "floor")  # the floor is the model passes of ours-paper
+
+
 def step_table(rows: list[dict]) -> list[tuple[str, ...]]:
     """The end-to-end step rows (ops with a smart-pytorch or floor baseline): case, dtype,
-    provider, ms, peak MiB, speedup over smart-pytorch, and ms over the floor's ms."""
+    provider, ms, samples, peak MiB, speedup over smart-pytorch, and (ours-paper, floor) ms over
+    the floor's ms."""
     out = []
     for (op, provider, _mode, shape, dtype), m in _pivot(rows).items():
         if "time" not in m or not ({"speedup_vs_smart_pytorch", "speedup_vs_floor"} & set(m)):
             continue
-        floor = m.get("speedup_vs_floor")
-        out.append((f"{op} {shape}", dtype, provider, _num(m["time"], 2),
-                    _num(m.get("peak_extra_mem"), 0), _num(m.get("speedup_vs_smart_pytorch"), 2),
+        floor = m.get("speedup_vs_floor") if provider in FLOOR_PROVIDERS else None
+        out.append((f"{op} {shape}", dtype, provider, _sig(m["time"], 4), m.get("n", ""),
+                    _sig(m.get("peak_extra_mem")), _num(m.get("speedup_vs_smart_pytorch"), 2),
                     f"{1 / float(floor):.2f}" if floor else ""))  # fmt: skip
     return out
 
 
+def _aligned(table: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    """Rows of cells padded to the widest cell of each column (``right``: right-aligned)."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [" ".join(c.rjust(w) if i in right else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in table]  # fmt: skip
+
+
 def summary_table(rows: list[dict]) -> str:
-    """Ours vs torch.compile, per op / shape / dtype / mode: the short table printed last."""
-    lines = [f"{'op':8} {'shape':13} {'dtype':9} {'mode':5} {'provider':13} {'ms':>9} "
-             f"{'x compile':>9} {'%copy BW':>8}"]  # fmt: skip
+    """Ours vs torch.compile / eager, per op / shape / dtype / mode (the short table printed
+    last), then the end-to-end step table."""
+    steps = _step_ops(rows)
+    table = [("op", "shape", "dtype", "mode", "provider", "ms", "x compile", "x eager",
+              "%copy BW")]  # fmt: skip
     for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
-        if not provider.startswith("ours") or "time" not in m:
+        if not provider.startswith("ours") or "time" not in m or op in steps:
             continue
-        lines.append(
-            f"{op:8} {shape:13} {dtype:9} {mode:5} {provider:13} {float(m['time']):9.4f} "
-            f"{_num(m.get('speedup_vs_compile'), 2):>9} {_num(m.get('pct_copy_bw'), 0):>8}"
-        )
+        table.append((op, shape, dtype, mode, provider, _sig(m["time"], 4),
+                      _num(m.get("speedup_vs_compile"), 2), _num(m.get("speedup_vs_eager"), 2),
+                      _sig(m.get("pct_copy_bw"))))  # fmt: skip
+    lines = _aligned(table, {5, 6, 7, 8}) if len(table) > 1 else []
     step = step_table(rows)
     if step:
-        lines.append(f"{'step':26} {'dtype':9} {'provider':13} {'ms':>9} {'peak MiB':>8} "
-                     f"{'x smart-pt':>10} {'/ floor':>7}")  # fmt: skip
-        lines += [f"{c[0]:26} {c[1]:9} {c[2]:13} {c[3]:>9} {c[4]:>8} {c[5]:>10} {c[6]:>7}"
-                  for c in step]  # fmt: skip
+        head = ("step", "dtype", "provider", "ms", "n", "peak MiB", "x smart-pt", "/ floor")
+        lines += _aligned([head, *step], {3, 4, 5, 6, 7})
     return "\n".join(lines)
 
 
 def make_plots(rows: list[dict], out_dir: str) -> list[str]:
-    """Per op / mode / dtype: time vs size per provider, and speedup over torch.compile."""
+    """Per op / mode / dtype: time vs size (the product of the shape's dimensions) per
+    provider, and speedup over torch.compile; end-to-end ops (no size axis) have none."""
     try:
         import matplotlib
 
@@ -174,11 +257,15 @@ def make_plots(rows: list[dict], out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    steps = _step_ops(rows)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["metric"] in ("time", "speedup_vs_compile"):
+        if r["metric"] in ("time", "speedup_vs_compile") and r["op"] not in steps:
+            dims = r["shape"].split("x")
+            if not all(d.isdigit() for d in dims):
+                continue
             size = 1
-            for d in r["shape"].split("x"):
+            for d in dims:
                 size *= int(d)
             groups[(r["op"], r["mode"], r["dtype"], r["metric"])][r["provider"]].append(
                 (size, float(r["p50"]))
@@ -197,7 +284,7 @@ def make_plots(rows: list[dict], out_dir: str) -> list[str]:
         else:
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_ylabel("speedup over torch.compile")
-        ax.set_xlabel("elements (N x V)")
+        ax.set_xlabel("elements (product of the shape)")
         ax.set_title(f"{op} {mode} {dtype}")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -205,6 +292,8 @@ def make_plots(rows: list[dict], out_dir: str) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
+    for stale in set(glob.glob(os.path.join(out_dir, "*.png"))) - set(paths):
+        os.remove(stale)  # a plot of an op or case no longer in the results
     return paths
 
 
@@ -235,26 +324,49 @@ def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True
     return paths
 
 
-def _rerender(argv: list[str]) -> None:
-    """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine), or
-    with ``--summary`` first, only the short table on stdout."""
-    if argv[:1] == ["--summary"]:
-        with open(argv[1]) as f:
-            print(summary_table(list(csv.DictReader(f))))
+def main(argv: list[str] | None = None) -> None:
+    """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine), only
+    the short table (``--summary``), or NEW.csv merged into DIR/results.csv (``--merge-into``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("csv", help="a results.csv written by the harness")
+    parser.add_argument("out_dir", nargs="?", help="where to write (default: the CSV's folder)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--summary", action="store_true", help="print the short table only")
+    how.add_argument(
+        "--merge-into",
+        metavar="DIR",
+        help="merge the CSV's rows into DIR/results.csv and re-render DIR",
+    )
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.csv):
+        parser.error(f"csv: no such file: {args.csv}")
+    rows = read_csv(args.csv)
+    if not rows or "metric" not in rows[0]:
+        parser.error(f"csv: {args.csv} has no result rows")
+    if args.summary:
+        print(summary_table(rows))
         return
-    csv_path = argv[0]
-    out_dir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    copy_bw = copy_bandwidth_of(rows)
+    if args.merge_into:
+        if args.out_dir:
+            parser.error("--merge-into writes into DIR: give no out_dir")
+        out_dir = args.merge_into
+        old = read_csv(os.path.join(out_dir, "results.csv"))
+        rows = merge(old, rows)
+        paths = write_all(rows, out_dir, copy_bandwidth_of(rows), plots=not args.no_plots)
+        print(f"merged {args.csv} into {paths[0]} ({len(rows)} rows); wrote {len(paths) - 2} "
+              f"plots")  # fmt: skip
+        return
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.csv))
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(rows, copy_bw))
-    print(f"wrote results.md and {len(make_plots(rows, os.path.join(out_dir, 'plots')))} plots "
-          f"under {out_dir}")  # fmt: skip
+    with _replacing(os.path.join(out_dir, "results.md")) as f:
+        f.write(markdown(rows, copy_bandwidth_of(rows)))
+    n_plots = 0 if args.no_plots else len(make_plots(rows, os.path.join(out_dir, "plots")))
+    print(f"wrote results.md and {n_plots} plots under {out_dir}")
 
 
 if __name__ == "__main__":
-    import sys
-
-    _rerender(sys.argv[1:])
+    main()

@@ -14,15 +14,18 @@ MODES = ("fwd", "bwd", "full")
 
 @dataclass(frozen=True)
 class Case:
-    """One input configuration: a shape and a dtype (``extra`` for op-specific knobs)."""
+    """One input configuration: a shape and a dtype (``extra`` for op-specific knobs; ``name``,
+    if given, prefixes the label, e.g. the model of an end-to-end case)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     extra: tuple[tuple[str, object], ...] = ()
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return "x".join(str(s) for s in self.shape)
+        dims = "x".join(str(s) for s in self.shape)
+        return f"{self.name} {dims}" if self.name else dims
 
     @property
     def dtype_name(self) -> str:
@@ -58,6 +61,8 @@ class OpBench:
     providers(device): every provider, usable or with a skip reason.
     min_bytes(case, mode): the fewest bytes any implementation must move (for GB/s).
     modes: which of fwd / bwd / full apply.
+    bandwidth: whether GB/s and % of copy bandwidth mean anything (False for a whole training
+    step: its rows are time and memory only; ``min_bytes`` then only sizes the case).
     """
 
     name: str
@@ -66,3 +71,4 @@ class OpBench:
     providers: Callable[[torch.device], list[Provider]]
     min_bytes: Callable[[Case, str], int]
     modes: tuple[str, ...] = field(default=MODES)
+    bandwidth: bool = True

@@ -19,6 +19,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.bench_perturb import PERTURB_SEQUENCE, PERTURB_TOKEN  # noqa: E402
 from benchmarks.bench_smart_step import SMART_STEP  # noqa: E402
 from benchmarks.bench_sym_kl import KL, SYM_KL  # noqa: E402
+from benchmarks.common import MIN_SAMPLES  # noqa: E402
 
 # The published schema (README): changing it is a breaking change for whoever reads the CSVs.
 SCHEMA = [
@@ -113,14 +114,18 @@ def test_end_to_end_step_table(smoke_run):
                 c = [x.strip() for x in line.strip("|").split("|")]
                 cells[c[2]] = c
         assert set(cells) == {"plain", "smart-pytorch", "ours-compat", "ours-paper", "floor"}
-        paper = cells["ours-paper"]
-        assert float(paper[5]) == pytest.approx(
+        paper = cells["ours-paper"]  # case, dtype, provider, ms, n, peak, x smart-pt, / floor
+        assert int(paper[4]) >= MIN_SAMPLES
+        assert float(paper[6]) == pytest.approx(
             times[shape, "smart-pytorch"] / times[shape, "ours-paper"], abs=0.006
         )
-        assert float(paper[6]) == pytest.approx(
+        assert float(paper[7]) == pytest.approx(
             times[shape, "ours-paper"] / times[shape, "floor"], abs=0.006
         )
-        assert cells["floor"][6] == "1.00" and cells["smart-pytorch"][5] == "1.00"
+        assert cells["floor"][7] == "1.00" and cells["smart-pytorch"][6] == "1.00"
+        # the floor is ours-paper's model passes (teacher forward included): no ratio for the
+        # providers that need no teacher
+        assert cells["ours-compat"][7] == cells["smart-pytorch"][7] == ""
     assert "x smart-pt" in stdout and "/ floor" in stdout
     again = subprocess.run(
         [sys.executable, "-m", "benchmarks.report", "--summary", str(out / "results.csv")],
@@ -160,3 +165,126 @@ def test_cpu_peak_memory_counts_live_tensors():
 
     peak = peak_extra_bytes(fn, torch.device("cpu"))
     assert 8_000_000 <= peak < 8_000_000 + 4096
+
+
+def test_time_rows_record_samples_and_config(smoke_run):
+    """Every time row says how many samples its quantiles come from (at least MIN_SAMPLES) and
+    how the run was configured; the end-to-end step has no bandwidth rows (it has no minimal
+    byte count)."""
+    _, rows, _ = smoke_run
+    times = [r for r in rows if r["metric"] == "time"]
+    for r in times:
+        n, config = r["note"].split(", ", 1)
+        assert int(n.removeprefix("n=")) >= MIN_SAMPLES, r
+        assert config.startswith("size=smoke, budget_ms=20, threads="), r
+    assert {r["metric"] for r in rows if r["op"] == "smart_step"} & {
+        "bandwidth", "pct_copy_bw"} == set()  # fmt: skip
+    assert any(r["shape"] == "gpt2-smoke 2x8x128" for r in times)
+
+
+def _main(argv: list[str]) -> None:
+    from benchmarks.harness import main
+
+    main([*argv, "--device", "cpu", "--no-plots", "--no-progress"])
+
+
+def _rows(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_default_out_is_untracked(tmp_path, monkeypatch):
+    """Without --out the results go to benchmarks/out/<device>/ (git-ignored), never over the
+    committed benchmarks/results/."""
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    _main(["--smoke", "--op", "kl,kl", "--mode", "fwd", "--provider", "eager"])
+    (written,) = (tmp_path / "benchmarks" / "out").iterdir()
+    assert written.name == common.device_name(torch.device("cpu"))
+    assert not (tmp_path / "benchmarks" / "results").exists()
+    times = [r for r in _rows(written / "results.csv") if r["metric"] == "time"]
+    assert len(times) == len(KL.cases(torch.device("cpu"), "smoke"))  # --op kl,kl: once
+
+
+def test_merge_keeps_rows_not_measured_again(tmp_path):
+    """--merge keeps the earlier rows of keys this run does not measure, and replaces the rest."""
+    args = ["--smoke", "--op", "kl", "--mode", "fwd", "--out", str(tmp_path)]
+    _main([*args, "--provider", "eager,compile"])
+    first = _rows(tmp_path / "results.csv")
+    _main([*args, "--provider", "eager", "--merge"])
+    merged = _rows(tmp_path / "results.csv")
+    stamps = {
+        p: {r["timestamp"] for r in merged if r["provider"] == p} for p in ("eager", "compile")
+    }
+    assert stamps["compile"] == {first[0]["timestamp"]}  # kept from the first run
+    assert len(stamps["eager"]) == 1 and stamps["eager"] != stamps["compile"]  # replaced
+    # eager's speedup over compile is a ratio within one run: gone with the re-measured eager
+    lost = [r for r in first if r["provider"] == "eager" and r["metric"] == "speedup_vs_compile"]
+    assert lost and len(merged) == len(first) - len(lost)
+    _main([*args, "--provider", "eager"])  # no --merge: only this run's rows
+    assert {r["provider"] for r in _rows(tmp_path / "results.csv")} == {"eager"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--op", "smart_step", "--mode", "fwd"], "smart_step has modes full"),
+        (["--op", "ema", "--mode", "bwd"], "ema has modes fwd"),
+        (["--device", "meta"], "--device: expected cpu, cuda or cuda:<index>"),
+        (["--device", "bogus"], "--device: expected cpu, cuda or cuda:<index>"),
+        (["--budget-ms", "0"], "--budget-ms: expected a positive number"),
+        (["--budget-ms", "-5"], "--budget-ms: expected a positive number"),
+        (["--op", "nope"], "--op: unknown ['nope']"),
+    ],
+)
+def test_harness_argument_errors(argv, message, capsys):
+    from benchmarks.harness import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--smoke", "--no-progress", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_cli(tmp_path, capsys):
+    """report: clear usage errors; --merge-into merges a fetched CSV into a results folder."""
+    from benchmarks.report import main
+
+    required = "the following arguments are required: csv"
+    for argv, message in (([], required), ([str(tmp_path / "none.csv")], "no such file"),
+                          (["--summary"], required)):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    _main(["--smoke", "--op", "kl", "--mode", "fwd", "--provider", "eager", "--out",
+           str(tmp_path / "a")])  # fmt: skip
+    _main(["--smoke", "--op", "sym_kl", "--mode", "fwd", "--provider", "eager", "--out",
+           str(tmp_path / "b")])  # fmt: skip
+    main([str(tmp_path / "b" / "results.csv"), "--merge-into", str(tmp_path / "a"), "--no-plots"])
+    merged = _rows(tmp_path / "a" / "results.csv")
+    assert {r["op"] for r in merged} == {"kl", "sym_kl"}
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert md.count("size=smoke, budget_ms=20") == 2  # one header line per run
+
+
+def test_min_samples_when_a_call_outlasts_the_budget(monkeypatch):
+    """A call longer than the budget still gets MIN_SAMPLES samples: on CPU (blocks topped up)
+    and on CUDA (a second do_bench for the missing samples; faked here, no GPU needed)."""
+    import time
+
+    import triton.testing
+
+    from benchmarks.common import time_call
+
+    t = time_call(lambda: time.sleep(0.004), torch.device("cpu"), budget_ms=1)
+    assert t.n >= MIN_SAMPLES and 4 <= t.p50 < 40
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        assert return_mode == "all"
+        calls.append(rep)
+        return [10.0] if len(calls) == 1 else [10.0] * max(1, int(rep / 10.0))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    t = time_call(lambda: None, torch.device("cuda"), budget_ms=5)
+    assert t.n >= MIN_SAMPLES and t.p50 == 10.0 and calls[0] == 5
