@@ -36,9 +36,10 @@ class TinyEncoder(nn.Module):
 
 def fixed_noise(like, std=1e-5, *, mask=None, generator=None, backend=None):
     """A deterministic stand-in for sk.init_noise (same contract), so that the manual SMART step
-    starts from the same δ₀ (at δ = 0 the ascent gradient is exactly 0)."""
+    starts from the same δ₀ (at δ = 0 the ascent gradient is exactly 0). Drawn on the CPU and
+    moved to ``like``'s device: the same δ₀ on every device."""
     g = torch.Generator().manual_seed(1234)
-    noise = torch.randn(like.shape, generator=g, dtype=like.dtype) * 1e-2
+    noise = (torch.randn(like.shape, generator=g, dtype=like.dtype) * 1e-2).to(like.device)
     return noise if mask is None else noise * mask.unsqueeze(-1)
 
 

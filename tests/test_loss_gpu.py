@@ -18,14 +18,10 @@ GPU_BACKENDS = [
 ]
 
 
-def _cuda_noise(like, std=1e-5, *, mask=None, generator=None, backend=None):
-    return fixed_noise(like.cpu(), std, mask=None if mask is None else mask.cpu()).to(like.device)
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("token_level", [False, True])
 def test_matches_manual_smart_fp64(backend, token_level, monkeypatch):
-    monkeypatch.setattr(sk.loss, "init_noise", _cuda_noise)
+    monkeypatch.setattr(sk.loss, "init_noise", fixed_noise)
     torch.manual_seed(0)
     model = TinyEncoder(token_level=token_level).cuda()
     ids = torch.randint(0, 50, (4, 7), device="cuda")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from helpers import backends_for
-from test_perturb import NORMS, RULES, SCOPES, close, random_mask, sign_undecided, within_eager
+from test_perturb import NORMS, RULES, SCOPES, cancelling, close, random_mask, within_eager
 
 import smart_kernels as sk
 from smart_kernels import reference
@@ -64,9 +64,8 @@ def test_perturb_step_benchmark_sizes(backend, scope, norm, shape, dtype):
         if dtype == torch.float32:
             assert close(out, ref, 1e-5)
         else:
-            undecided = None
-            if norm == "l1" and rule == "normalize_sum":  # out = sign(noise + step * grad)
-                undecided = sign_undecided(noise, grad, 1e-3)  # the default step_size
+            # noise + step * u cancelling: FMA vs eager vs fp64 (the default step_size 1e-3)
+            undecided = cancelling(noise, grad, 1e-3, rule=rule, norm=norm, scope=scope)
             eager = reference.perturb_step(noise, grad, **kw)
             assert within_eager(out, eager, ref, undecided)
 
