@@ -2,7 +2,8 @@
 markdown table and plots.
 
     python -m benchmarks [--op sym_kl,kl|all] [--mode fwd,bwd,full] [--quick|--smoke]
-                         [--device cpu|cuda] [--out DIR] [--merge]
+                         [--provider P,..] [--case LABEL_PART,..] [--device cpu|cuda]
+                         [--out DIR] [--merge]
 
 Every requested provider yields numbers, a row saying why it was skipped, or an "error" row (the
 exit status is non-zero when one of ours errors). Tiny (launch-bound) cases are timed back to
@@ -100,9 +101,11 @@ def run(
     ops: list[OpBench], modes: list[str], size: str, device: torch.device,
     budget_ms: float, progress: bool = True, only: set[str] | None = None,
     checkpoint: Callable[[list[dict], float], None] | None = None,
+    case_filter: list[str] | None = None,
 ) -> tuple[list[dict], dict[str, str], float]:  # fmt: skip
     """All measurements; ``checkpoint(rows, copy_bw)``, if given, gets the rows so far after each
-    one (so a run killed by a time limit still leaves its finished measurements)."""
+    one (so a run killed by a time limit still leaves its finished measurements);
+    ``case_filter``: only the cases whose label contains one of these strings."""
     env = common.environment(device)
     config = run_config(size, budget_ms)
     copy_bw = common.copy_bandwidth_gbps(device)
@@ -115,7 +118,7 @@ def run(
     jobs = []
     for op in ops:
         providers = [p for p in op.providers(device) if only is None or p.name in only]
-        for case in op.cases(device, size):
+        for case in _cases(op, device, size, case_filter):
             for mode in modes:
                 if mode in op.modes:
                     jobs += [(op, case, p, mode) for p in providers]
@@ -128,6 +131,11 @@ def run(
         if checkpoint is not None:
             checkpoint(_finish(rows, env), copy_bw)
     return _finish(rows, env), env, copy_bw
+
+
+def _cases(op: OpBench, device: torch.device, size: str, case_filter: list[str] | None):
+    cases = op.cases(device, size)
+    return [c for c in cases if case_filter is None or any(f in c.label for f in case_filter)]
 
 
 def run_config(size: str, budget_ms: float) -> str:
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     size.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
+    parser.add_argument("--case", default=None,
+                        help="comma-separated parts of case labels: only the cases whose label "
+                             "contains one (e.g. gpt2, 4096x32000)")  # fmt: skip
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -235,6 +246,15 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
         if only - available:
             parser.error(f"--provider: unknown {sorted(only - available)}; "
                          f"available: {sorted(available)}")  # fmt: skip
+    case_filter = None if args.case is None else [c.strip() for c in args.case.split(",")]
+    if case_filter is not None:
+        labels = [c.label for n in names for c in known[n].cases(device, size_name)]
+        for part in case_filter:
+            if not any(part in label for label in labels):
+                parser.error(
+                    f"--case: no {size_name} case of {', '.join(names)} on {device.type} "
+                    f"matches {part!r}; cases: {', '.join(dict.fromkeys(labels))}"
+                )
     out_dir = args.out or os.path.join(
         common.ROOT, "benchmarks", "out", common.device_name(device).replace(" ", "_")
     )
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
 
     ops = [known[n] for n in names]
     rows, env, copy_bw = run(
-        ops, modes, size_name, device, budget, not args.no_progress, only, checkpoint
+        ops, modes, size_name, device, budget, not args.no_progress, only, checkpoint, case_filter
     )
     n_new, rows = len(rows), report.merge(kept, rows)
     paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)

@@ -226,6 +226,14 @@ def test_merge_keeps_rows_not_measured_again(tmp_path):
     assert {r["provider"] for r in _rows(tmp_path / "results.csv")} == {"eager"}
 
 
+def test_case_filter(tmp_path):
+    """--case keeps the cases whose label contains one of the given parts."""
+    _main(["--smoke", "--op", "sym_kl,kl", "--mode", "fwd", "--provider", "eager", "--case",
+           "3x257", "--out", str(tmp_path)])  # fmt: skip
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["op"], r["shape"]) for r in rows} == {("sym_kl", "3x257"), ("kl", "3x257")}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -236,6 +244,7 @@ def test_merge_keeps_rows_not_measured_again(tmp_path):
         (["--budget-ms", "0"], "--budget-ms: expected a positive number"),
         (["--budget-ms", "-5"], "--budget-ms: expected a positive number"),
         (["--op", "nope"], "--op: unknown ['nope']"),
+        (["--op", "kl", "--case", "4x3,9x9"], "--case: no smoke case of kl on cpu matches '9x9'"),
     ],
 )
 def test_harness_argument_errors(argv, message, capsys):
