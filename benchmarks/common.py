@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,12 +66,13 @@ def time_call(
 ) -> Timing:
     """Time ``fn`` after warm-up: at least MIN_SAMPLES samples, more while ``budget_ms`` lasts.
     CUDA: ``triton.testing.do_bench``, which also clears the L2 cache before every call (so large
-    inputs are never served from L2); a call longer than the budget allows for MIN_SAMPLES gets a
-    second do_bench for the missing samples. With ``launch_bound`` (tiny inputs) the calls run
-    back to back instead, in batches timed by CUDA events: do_bench's L2 clearing would hide the
-    host's launch overhead, which is what such a call costs in training.
+    inputs are never served from L2); a call longer than the budget allows for MIN_SAMPLES gets
+    more do_bench calls for the missing samples (up to 3). With ``launch_bound`` (tiny inputs)
+    the calls run back to back instead, in batches timed by CUDA events: do_bench's L2 clearing
+    would hide the host's launch overhead, which is what such a call costs in training.
     CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (per-block means, all intra-op
-    threads), topped up with blocks of the same size; caches are not flushed on CPU."""
+    threads), topped up with blocks of the same size timed by ``time.perf_counter``; caches are
+    not flushed on CPU."""
 
     def call():
         for t in grad_to_none:
@@ -85,8 +87,10 @@ def time_call(
             return list(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="all"))
 
         times = bench(max(budget_ms / 4, 5), budget_ms)
-        if len(times) < MIN_SAMPLES:  # do_bench times rep / (its estimate) calls, at least one
-            times += bench(1e-3, (MIN_SAMPLES - len(times) + 0.5) * max(times))
+        for _ in range(3):  # do_bench times int(rep / its estimate) calls, at least one
+            if len(times) >= MIN_SAMPLES:
+                break
+            times += bench(1e-3, (MIN_SAMPLES - len(times) + 0.5) * 1.25 * max(times))
         return Timing.of(times)
     if device.type == "cuda":
         for _ in range(10):
@@ -112,7 +116,10 @@ def time_call(
     m = timer.blocked_autorange(min_run_time=budget_ms / 1e3)
     times = [t * 1e3 for t in m.times]
     while len(times) < MIN_SAMPLES:  # a call longer than the budget: autorange ran one block
-        times.append(timer.timeit(m.number_per_run).mean * 1e3)
+        start = time.perf_counter()  # (Timer.timeit would add untimed warm-up calls)
+        for _ in range(m.number_per_run):
+            call()
+        times.append((time.perf_counter() - start) / m.number_per_run * 1e3)
     return Timing.of(times)
 
 
@@ -145,6 +152,7 @@ def _stderr_silenced():
             os.dup2(null.fileno(), 2)
         yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
 

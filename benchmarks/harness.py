@@ -60,7 +60,7 @@ def measure(
     copy_bw: float, budget_ms: float, config: str = "",
 ) -> list[dict]:  # fmt: skip
     """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode; the time
-    row's note holds the sample count and ``config`` (e.g. "n=12, size=quick, ...")."""
+    row's note holds the sample count and ``config`` (e.g. "n=12; size=quick; ...")."""
     key = {"op": op.name, "provider": provider.name, "mode": mode, "shape": case.label,
            "dtype": case.dtype_name}  # fmt: skip
     if provider.skip is not None:
@@ -85,7 +85,7 @@ def measure(
         gc.collect()  # inputs that form reference cycles (smart_step's models) go now, not later
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    note = ", ".join(x for x in (f"n={t.n}", config) if x)
+    note = "; ".join(x for x in (f"n={t.n}", config) if x)
     rows = [{**report.row(key, "time", "ms", t.p50, t.p20, t.p80), "note": note}]
     if op.bandwidth:
         nbytes = op.min_bytes(case, mode)
@@ -147,7 +147,7 @@ def run_config(size: str, budget_ms: float) -> str:
     for var in ("TRITON_INTERPRET", "SMART_KERNELS_BACKEND", "SMART_KERNELS_CPU_ISA"):
         if os.environ.get(var):
             parts.append(f"{var}={os.environ[var]}")
-    return ", ".join(parts)
+    return "; ".join(parts)
 
 
 def _finish(rows: list[dict], env: dict[str, str]) -> list[dict]:
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
         common.ROOT, "benchmarks", "out", common.device_name(device).replace(" ", "_")
     )
     kept = report.read_csv(os.path.join(out_dir, "results.csv")) if args.merge else []
+    why_not = report.same_device(kept, [{"device": common.device_name(device)}])
+    if why_not:
+        parser.error(f"--merge into {out_dir}: {why_not}")
 
     def checkpoint(rows: list[dict], copy_bw: float) -> None:  # CSV + markdown, no plots
         report.write_all(report.merge(kept, rows), out_dir, copy_bw, plots=False)

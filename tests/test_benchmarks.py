@@ -174,9 +174,9 @@ def test_time_rows_record_samples_and_config(smoke_run):
     _, rows, _ = smoke_run
     times = [r for r in rows if r["metric"] == "time"]
     for r in times:
-        n, config = r["note"].split(", ", 1)
+        n, config = r["note"].split("; ", 1)
         assert int(n.removeprefix("n=")) >= MIN_SAMPLES, r
-        assert config.startswith("size=smoke, budget_ms=20, threads="), r
+        assert config.startswith("size=smoke; budget_ms=20; threads="), r
     assert {r["metric"] for r in rows if r["op"] == "smart_step"} & {
         "bandwidth", "pct_copy_bw"} == set()  # fmt: skip
     assert any(r["shape"] == "gpt2-smoke 2x8x128" for r in times)
@@ -186,11 +186,6 @@ def _main(argv: list[str]) -> None:
     from benchmarks.harness import main
 
     main([*argv, "--device", "cpu", "--no-plots", "--no-progress"])
-
-
-def _rows(path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_default_out_is_untracked(tmp_path, monkeypatch):
@@ -203,7 +198,7 @@ def test_default_out_is_untracked(tmp_path, monkeypatch):
     (written,) = (tmp_path / "benchmarks" / "out").iterdir()
     assert written.name == common.device_name(torch.device("cpu"))
     assert not (tmp_path / "benchmarks" / "results").exists()
-    times = [r for r in _rows(written / "results.csv") if r["metric"] == "time"]
+    times = [r for r in report.read_csv(written / "results.csv") if r["metric"] == "time"]
     assert len(times) == len(KL.cases(torch.device("cpu"), "smoke"))  # --op kl,kl: once
 
 
@@ -211,26 +206,28 @@ def test_merge_keeps_rows_not_measured_again(tmp_path):
     """--merge keeps the earlier rows of keys this run does not measure, and replaces the rest."""
     args = ["--smoke", "--op", "kl", "--mode", "fwd", "--out", str(tmp_path)]
     _main([*args, "--provider", "eager,compile"])
-    first = _rows(tmp_path / "results.csv")
+    first = report.read_csv(tmp_path / "results.csv")
     _main([*args, "--provider", "eager", "--merge"])
-    merged = _rows(tmp_path / "results.csv")
+    merged = report.read_csv(tmp_path / "results.csv")
     stamps = {
         p: {r["timestamp"] for r in merged if r["provider"] == p} for p in ("eager", "compile")
     }
     assert stamps["compile"] == {first[0]["timestamp"]}  # kept from the first run
     assert len(stamps["eager"]) == 1 and stamps["eager"] != stamps["compile"]  # replaced
-    # eager's speedup over compile is a ratio within one run: gone with the re-measured eager
-    lost = [r for r in first if r["provider"] == "eager" and r["metric"] == "speedup_vs_compile"]
+    # ratios are within one run: eager's over compile (eager re-measured) and compile's over
+    # eager (its baseline re-measured) are gone
+    lost = [r for r in first if (r["provider"], r["metric"]) in
+            {("eager", "speedup_vs_compile"), ("compile", "speedup_vs_eager")}]  # fmt: skip
     assert lost and len(merged) == len(first) - len(lost)
     _main([*args, "--provider", "eager"])  # no --merge: only this run's rows
-    assert {r["provider"] for r in _rows(tmp_path / "results.csv")} == {"eager"}
+    assert {r["provider"] for r in report.read_csv(tmp_path / "results.csv")} == {"eager"}
 
 
 def test_case_filter(tmp_path):
     """--case keeps the cases whose label contains one of the given parts."""
     _main(["--smoke", "--op", "sym_kl,kl", "--mode", "fwd", "--provider", "eager", "--case",
            "3x257", "--out", str(tmp_path)])  # fmt: skip
-    rows = _rows(tmp_path / "results.csv")
+    rows = report.read_csv(tmp_path / "results.csv")
     assert {(r["op"], r["shape"]) for r in rows} == {("sym_kl", "3x257"), ("kl", "3x257")}
 
 
@@ -270,12 +267,12 @@ def test_report_cli(tmp_path, capsys):
     _main(["--smoke", "--op", "sym_kl", "--mode", "fwd", "--provider", "eager", "--out",
            str(tmp_path / "b")])  # fmt: skip
     main([str(tmp_path / "b" / "results.csv"), "--merge-into", str(tmp_path / "a"), "--no-plots"])
-    merged = _rows(tmp_path / "a" / "results.csv")
+    merged = report.read_csv(tmp_path / "a" / "results.csv")
     assert {r["op"] for r in merged} == {"kl", "sym_kl"}
     md = (tmp_path / "a" / "results.md").read_text()
     assert "| kl | 4x3 | float32 | fwd | eager |" in md
     assert "| sym_kl | 4x3 | float32 | fwd | eager |" in md
-    assert "size=smoke, budget_ms=20" in md  # the runs' settings in the header
+    assert "size=smoke; budget_ms=20" in md  # the runs' settings in the header
 
 
 def test_min_samples_when_a_call_outlasts_the_budget(monkeypatch):
@@ -292,10 +289,33 @@ def test_min_samples_when_a_call_outlasts_the_budget(monkeypatch):
     calls = []
 
     def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        # like triton's: int(rep / estimate) samples, the estimate (here 13 ms) from other calls
+        # than the samples (10 ms)
         assert return_mode == "all"
         calls.append(rep)
-        return [10.0] if len(calls) == 1 else [10.0] * max(1, int(rep / 10.0))
+        return [10.0] * max(1, int(rep / 13.0))
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     t = time_call(lambda: None, torch.device("cuda"), budget_ms=5)
     assert t.n >= MIN_SAMPLES and t.p50 == 10.0 and calls[0] == 5
+
+
+def test_merge_keeps_ratios_within_one_run():
+    """A re-measured baseline drops the old ratios against it; a provider skipped in the new run
+    (not installed there) keeps its old numbers; an error replaces them."""
+
+    def rows(provider, stamp, metric="time", p50="1", base=None):
+        key = {"op": "kl", "provider": provider, "mode": "fwd", "shape": "4x3", "dtype": "float32"}
+        r = {**key, "metric": metric, "p50": p50, "note": "", "timestamp": stamp, "device": "cpu-2"}
+        return [r] if base is None else [r, {**r, "metric": f"speedup_vs_{base}"}]
+
+    old = rows("compile", "t1") + rows("eager", "t1", base="compile") + rows("liger", "t1")
+    old += rows("ours-native", "t1")
+    new = rows("compile", "t2") + rows("liger", "t2", "skipped", "")
+    new += rows("ours-native", "t2", "error", "")
+    merged = report.merge(old, new)
+    got = {(r["provider"], r["metric"], r["timestamp"]) for r in merged}
+    assert got == {("compile", "time", "t2"), ("eager", "time", "t1"), ("liger", "time", "t1"),
+                   ("ours-native", "error", "t2")}  # fmt: skip
+    assert report.same_device(old, [{"device": "cuda-x"}]) is not None
+    assert report.same_device(old, [{"device": "cpu-2"}]) is None

@@ -55,13 +55,15 @@ def cancelling(
     PyTorch's two roundings and the fp64 oracle (step_size not rounded to fp32) each leave a
     different remainder, amplified by the following normalization (l1 ``normalize_sum``: even
     another sign). On bf16 / fp16 inputs exact and near-exact cancellations occur a few times in
-    10M elements. Bool, like noise; asserted rare (< 1e-4 of the elements)."""
+    10M elements. 64 ulp is wide enough for every such remainder seen in an fp32 emulation of the
+    GPU kernels (the failures there were at exact cancellation) and masks < 1e-5 of random
+    inputs. Bool, like noise; asserted rare (at most 2 elements, or 1e-4 of them)."""
     d, u = noise.double(), grad.double()
     if rule == "paper":
         u = reference.normalize(u, norm=norm, scope=scope, eps=1e-6)
     t = step_size * u
     out = (d + t).abs() <= 64 * torch.finfo(torch.float32).eps * (d.abs() + t.abs())
-    assert out.double().mean() < 1e-4, "cancellations must stay rare"
+    assert out.sum() <= max(2, 1e-4 * out.numel()), "cancellations must stay rare"
     return out
 
 
