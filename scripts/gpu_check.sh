@@ -4,8 +4,9 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
 #
 # The issue-6 run (SMARTLoss, demo, smart_step; carry [".gpu-wheels", ".gpu-demo"] after
-# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 7-9 minutes on an H100, and cut
-# at DEADLINE (570 s) whatever happens (the device tool's limit is 600 s per command):
+# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 5.5-7.5 minutes on an H100 (build
+# 1-2.5, tests <= 3.3, demo ~1, benchmark ~2), and cut at DEADLINE (570 s) whatever happens (the
+# device tool's limit is 600 s per command):
 #   OUT=$OUT SMART_KERNELS_GIT_COMMIT=<local short hash> DEMO=1 PROBE=0 \
 #     BENCH_OPS=smart_step,perturb_step_seq BENCH_ARGS="--budget-ms 2000" bash scripts/gpu_check.sh
 # (perturb_step_seq: the split kernels, refactored since the last GPU run.)
