@@ -118,7 +118,8 @@ stage "pytest -m gpu"
 # its whole length under loadfile). The largest test holds ~17 GB: 4 at once still fit in 80 GB.
 # 0, or no xdist, runs them in one process.
 workers=()
-if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
+xdist_ok="import xdist, sys; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))"
+if [ "${GPU_TEST_WORKERS:-4}" != 0 ] && $PY -c "$xdist_ok" 2>/dev/null; then  # worksteal: >= 3.2
   workers=(-n "${GPU_TEST_WORKERS:-4}" --dist worksteal)
 fi
 limit "${TEST_TIMEOUT:-200}" $PY -m pytest -m gpu -q -p no:cacheprovider \
