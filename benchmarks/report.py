@@ -5,6 +5,8 @@ short summary table printed last.
     python -m benchmarks.report --summary RESULTS.csv    print the short summary table
     python -m benchmarks.report NEW.csv --merge-into DIR merge NEW's rows into DIR/results.csv
                                                          (same key: NEW's replace), re-render
+    python -m benchmarks.report NEW.csv --compare OLD.csv  time of every key in both, NEW / OLD
+                                                         (regressions first)
 """
 
 from __future__ import annotations
@@ -351,6 +353,26 @@ def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True
     return paths
 
 
+def compare_table(new: list[dict], old: list[dict], slower: float = 1.1) -> str:
+    """Every (op, provider, mode, shape, dtype) timed in both: old ms, new ms, new / old, the
+    largest ratio first, "slower" past ``slower``. Across runs (and commits): the same device
+    but not the same moment, so a few % is noise; ratios within one run are in the tables."""
+    old_ms, new_ms = _times(old), _times(new)
+    both = sorted(new_ms.keys() & old_ms.keys(), key=lambda k: -new_ms[k] / old_ms[k])
+    table = [("op", "shape", "dtype", "mode", "provider", "old ms", "new ms", "new/old", "")]
+    for k in both:
+        ratio = new_ms[k] / old_ms[k]
+        op, provider, mode, shape, dtype = k
+        table.append((op, shape, dtype, mode, provider, _sig(str(old_ms[k]), 4),
+                      _sig(str(new_ms[k]), 4), f"{ratio:.2f}",
+                      "slower" if ratio > slower else ""))  # fmt: skip
+    only = len(new_ms.keys() - old_ms.keys()), len(old_ms.keys() - new_ms.keys())
+    tail = (
+        f"{len(both)} timed in both; {only[0]} only in the new results, {only[1]} only in the old"
+    )
+    return "\n".join([*(_aligned(table, {5, 6, 7}) if both else []), tail])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Markdown and plots again from a results.csv (e.g. one fetched from a GPU machine), only
     the short table (``--summary``), or NEW.csv merged into DIR/results.csv (``--merge-into``)."""
@@ -367,6 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="merge the CSV's rows into DIR/results.csv and re-render DIR",
     )
+    how.add_argument(
+        "--compare",
+        metavar="OLD_CSV",
+        help="the time of every key in both CSVs, this one over OLD_CSV (regressions first)",
+    )
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.csv):
@@ -378,6 +405,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.out_dir:
             parser.error("--summary prints to stdout: give no out_dir")
         print(summary_table(rows))
+        return
+    if args.compare:
+        if args.out_dir:
+            parser.error("--compare prints to stdout: give no out_dir")
+        if not os.path.isfile(args.compare):
+            parser.error(f"--compare: no such file: {args.compare}")
+        old = read_csv(args.compare)
+        why_not = same_device(old, rows)
+        if why_not:
+            parser.error(f"--compare {args.compare}: {why_not}")
+        print(compare_table(rows, old))
         return
     if args.merge_into:
         if args.out_dir:

@@ -319,3 +319,26 @@ def test_merge_keeps_ratios_within_one_run():
                    ("ours-native", "error", "t2")}  # fmt: skip
     assert report.same_device(old, [{"device": "cuda-x"}]) is not None
     assert report.same_device(old, [{"device": "cpu-2"}]) is None
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    """report --compare: new / old time for every key in both, the largest ratio first, flagged
+    past 1.1; keys in one file only are counted."""
+
+    def row(provider, ms, stamp):
+        key = {"op": "kl", "provider": provider, "mode": "fwd", "shape": "4x3", "dtype": "float32"}
+        return {**key, "metric": "time", "p50": str(ms), "timestamp": stamp, "device": "cpu-2"}
+
+    old = [row("eager", 2.0, "t1"), row("ours-native", 1.0, "t1"), row("compile", 3.0, "t1")]
+    new = [row("eager", 2.0, "t2"), row("ours-native", 1.5, "t2"), row("liger", 1.0, "t2")]
+    lines = report.compare_table(new, old).splitlines()
+    assert "ours-native" in lines[1] and lines[1].split()[-2:] == ["1.50", "slower"]
+    assert "eager" in lines[2] and lines[2].split()[-1] == "1.00"
+    assert lines[-1] == "2 timed in both; 1 only in the new results, 1 only in the old"
+    for name, rows in (("new", new), ("old", old)):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=report.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    report.main([str(tmp_path / "new.csv"), "--compare", str(tmp_path / "old.csv")])
+    assert "slower" in capsys.readouterr().out
