@@ -189,6 +189,21 @@ def test_misaligned_views(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_memory_sharing_that_is_allowed(backend):
+    """What the overlap check must not reject: one student for two teachers, students that
+    overlap one another, and interleaved teacher views (their spans overlap, their elements
+    do not)."""
+    grid = rand(6, 2)
+    flat_s = rand(8)
+    teacher = [rand(5), rand(5), grid[:, 0], grid[:, 1]]
+    student = [flat_s[:5], flat_s[3:], flat_s[:6], flat_s[2:]]
+    ref = expected(teacher, student, 0.7)
+    sk.ema_update_(teacher, student, 0.7, backend=backend)
+    for t, r in zip(teacher, ref, strict=True):
+        assert max_err(t, r) <= 4 * EPS[torch.float32]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("decay_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tensor_decay(backend, decay_dtype):
     decay = torch.tensor(0.93, dtype=decay_dtype)
@@ -391,6 +406,26 @@ def twice():
     return [t, t]
 
 
+def tied():
+    t = rand(3)
+    return [t, t.detach()]  # two objects, one memory (a state_dict() of tied weights)
+
+
+def views():
+    base = rand(6)
+    return [base[:4], base[2:]]
+
+
+def aliases_student():
+    teacher = [rand(3), rand(3)]
+    return teacher, [rand(3), teacher[0].view(3)], 0.9
+
+
+def inside_long_student():
+    flat = rand(8)  # student[0] spans all; student[1] sorts between it and teacher[1]
+    return [rand(8), flat[4:5]], [flat, flat[1:2]], 0.9
+
+
 S0, S1, T0, T1 = r"student\[0\]", r"student\[1\]", r"teacher\[0\]", r"teacher\[1\]"
 UPDATE_ERRORS = [
     # (description, (teacher, student, decay) builder, exception, text in the message)
@@ -404,6 +439,11 @@ UPDATE_ERRORS = [
     ("not a tensor", lambda: ([rand(3), [1.0]], [rand(3), rand(1)], 0.9), TypeError, T1),
     ("a tensor, not a list", lambda: (rand(3), rand(3), 0.9), TypeError, "teacher"),
     ("listed twice", lambda: (twice(), [rand(3), rand(3)], 0.9), ValueError, T1),
+    ("tied, twice", lambda: (tied(), [rand(3), rand(3)], 0.9), ValueError, T1),
+    ("overlapping views", lambda: (views(), [rand(4), rand(4)], 0.9), ValueError, T1),
+    ("teacher is student", lambda: (*[[rand(3)]] * 2, 0.9), ValueError, S0),
+    ("aliases a student", lambda: aliases_student(), ValueError, S1),
+    ("inside a long student", lambda: inside_long_student(), ValueError, S0),
     ("decay > 1", lambda: ([rand(3)], [rand(3)], 1.5), ValueError, "decay"),
     ("decay < 0", lambda: ([rand(3)], [rand(3)], -0.01), ValueError, "decay"),
     ("decay nan", lambda: ([rand(3)], [rand(3)], float("nan")), ValueError, "decay"),
@@ -477,3 +517,36 @@ def test_benchmark_smoke(tmp_path):
     timed = {(r["provider"], r["dtype"]) for r in rows if r["metric"] == "time"}
     assert {("eager", "float32"), ("flat-lerp", "float32+bfloat16")} <= timed
     assert {r["mode"] for r in rows} == {"fwd"}
+
+
+def test_overlap_check_matches_pairwise():
+    """The one-sort overlap check against every pair, on random 1-d views of one buffer."""
+    from smart_kernels.ops.ema import _check_no_overlap
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(128)
+    outcomes = []
+    for _ in range(400):
+        n = int(torch.randint(1, 5, (), generator=gen))
+        starts = torch.randint(0, 112, (2 * n,), generator=gen).tolist()
+        ends = [a + int(torch.randint(1, 17, (), generator=gen)) for a in starts]
+        views = [base[a:b] for a, b in zip(starts, ends, strict=True)]
+        teacher, student = views[:n], views[n:]
+        ranges = [(a, b, i < n) for i, (a, b) in enumerate(zip(starts, ends, strict=True))]
+        clash = any(
+            x[0] < y[1] and y[0] < x[1] and (x[2] or y[2])
+            for k, x in enumerate(ranges)
+            for y in ranges[k + 1 :]
+        )
+        outcomes.append(clash)
+        if clash:
+            with pytest.raises(ValueError, match="shares memory"):
+                _check_no_overlap(teacher, student)
+        else:
+            _check_no_overlap(teacher, student)
+    assert min(sum(outcomes), len(outcomes) - sum(outcomes)) >= 100  # both outcomes exercised
+    # A wrapper subclass without storage reports data_ptr 0: not checked, not a false clash.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    wrappers = [TwoTensor(rand(3), rand(3)) for _ in range(4)]
+    _check_no_overlap(wrappers[:2], wrappers[2:])

@@ -152,8 +152,8 @@ def _as_list(name: str, tensors: object) -> Sequence[torch.Tensor]:
 def _check_lists(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
     """Pair by pair: tensors of one shape, on teacher[0]'s device; a floating teacher
     (fp16/bf16/fp32/fp64) with a floating student of any of those dtypes; a non-floating teacher
-    (copied) with a student of its dtype; no tensor listed twice in teacher (not checked while
-    torch.compile traces)."""
+    (copied) with a student of its dtype; no tensor listed twice in teacher and no teacher
+    memory shared (neither checked while torch.compile traces)."""
     if len(student) != len(teacher):
         raise ValueError(
             f"student: expected {len(teacher)} tensors (as many as teacher), got {len(student)}"
@@ -197,12 +197,59 @@ def _check_lists(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor
                 f"student[{i}]: expected {t.dtype} like teacher[{i}] (a non-floating pair is "
                 f"copied), got {s.dtype}"
             )
-    if not torch.compiler.is_compiling() and len(set(map(id, teacher))) != len(teacher):
+    if torch.compiler.is_compiling():
+        return
+    if len(set(map(id, teacher))) != len(teacher):
         seen: dict[int, int] = {}
         for i, t in enumerate(teacher):
             j = seen.setdefault(id(t), i)
             if j != i:
                 raise ValueError(f"teacher[{i}]: the same tensor as teacher[{j}] (listed twice)")
+    _check_no_overlap(teacher, student)
+
+
+def _extent(x: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes [start, end) of a dense tensor's memory; None for a tensor that has none (meta,
+    empty), is not dense (its span has gaps or repeats), or hides its storage (a subclass)."""
+    if x.device.type == "meta" or x.numel() == 0:
+        return None
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride(), strict=True))
+    if span != x.numel():
+        return None
+    try:
+        start = x.data_ptr()  # 0 for a wrapper subclass without storage
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (start, start + span * x.element_size()) if start else None
+
+
+def _check_no_overlap(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
+    """No two dense tensors of the lists share memory, except a student listed for several
+    teachers: a teacher region shared by two views would be updated twice, and a teacher that
+    aliases a student would change that student mid-update. One sort, at preparation time only;
+    non-dense views (gaps in their span) are not checked."""
+    spans = []
+    for name, tensors in (("teacher", teacher), ("student", student)):
+        for i, x in enumerate(tensors):
+            extent = _extent(x)
+            if extent is not None:
+                spans.append((*extent, name, i))
+    spans.sort()
+    reach = None  # the span that reaches furthest among those that start earlier
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and "teacher" in (span[2], reach[2]):
+            first, second = sorted((reach, span), key=lambda e: (e[2] != "teacher", e[3]))
+            hint = (
+                "the teacher must be a copy of the student, e.g. copy.deepcopy(model)"
+                if second[2] == "student"
+                else "list each tensor once: tied weights appear twice in a state_dict(), once "
+                "in model.parameters()"
+            )
+            raise ValueError(
+                f"{second[2]}[{second[3]}]: shares memory with {first[2]}[{first[3]}] ({hint})"
+            )
+        if reach is None or span[1] > reach[1]:
+            reach = span
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,9 +462,9 @@ def ema_update_(
     Non-contiguous pairs are updated correctly by a per-pair PyTorch fallback. Runs under
     ``torch.no_grad()``. Validation results and the Triton chunk table are cached per pair of
     lists (see the module docstring); for repeated updates, :class:`EmaPlan` is cheaper still.
-    Not checked (it would cost a scan of every storage): teacher tensors must not overlap one
-    another in memory (a region shared by two views would be updated twice) nor alias their
-    students.
+    Teacher tensors must not share memory with one another (a region shared by two views would
+    be updated twice) nor with any student: a ``ValueError`` names the pair, checked once per
+    pair of lists for dense tensors (views with gaps in their span are not checked).
     """
     teacher = _as_list("teacher", teacher)
     student = _as_list("student", student)
