@@ -253,8 +253,20 @@ class SMARTLoss(nn.Module):
         warnings.warn(f"SMARTLoss: {what}", stacklevel=5)  # the caller of smart(...)
 
     def _eval(self, x: torch.Tensor, like: torch.Tensor, eval_kwargs: dict) -> torch.Tensor:
-        """eval_fn(x, **eval_kwargs), checked to be logits of ``like``'s shape."""
-        out = self.eval_fn(x, **eval_kwargs)
+        """eval_fn(x, **eval_kwargs), checked to be logits of ``like``'s shape. An exception
+        from eval_fn gets a note with the shapes (a call with embed and logits swapped fails
+        inside the model)."""
+        try:
+            out = self.eval_fn(x, **eval_kwargs)
+        except Exception as error:
+            if hasattr(error, "add_note") and not isinstance(error, torch.OutOfMemoryError):
+                error.add_note(
+                    f"SMARTLoss: this came from eval_fn(embed + noise) with embed of shape "
+                    f"{tuple(x.shape)} and logits of shape {tuple(like.shape)}; forward takes "
+                    "(embed, logits): the word embeddings first, then the logits eval_fn "
+                    "computed from them"
+                )
+            raise
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"eval_fn: expected it to return a logits tensor, got {type(out).__name__} "

@@ -3,6 +3,7 @@ that runs here; sequence- and token-level logits, regression, masks, errors."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -403,6 +404,21 @@ def test_bad_forward_inputs():
         smart(embed, logits[:1])
     with pytest.raises(ValueError, match="^logits:"):
         smart(embed, torch.tensor(0.5))
+
+
+def test_swapped_embed_and_logits_get_a_note():
+    """forward(logits, embed) fails inside the model; the error keeps its type and message and
+    gains a note with both shapes and the argument order."""
+    if sys.version_info < (3, 11):
+        pytest.skip("exception notes need Python 3.11")
+    model, ids, mask = _batch()
+    embed = model.word(ids)
+    logits = model(embed)
+    with pytest.raises(RuntimeError) as info:
+        sk.SMARTLoss(model)(logits, embed)
+    note = "\n".join(info.value.__notes__)
+    assert "embed of shape (4, 3) and logits of shape (4, 7, 16)" in note
+    assert "forward takes (embed, logits)" in note
 
 
 def test_bad_eval_fn_output_and_loss_result():
