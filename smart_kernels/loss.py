@@ -30,7 +30,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from smart_kernels import _backends
-from smart_kernels.ops._checks import check_choice, check_float_tensor, check_number, check_same
+from smart_kernels.ops._checks import (
+    check_choice,
+    check_float_tensor,
+    check_number,
+    check_row_mask,
+    check_same,
+)
 from smart_kernels.ops.perturb import NORM_CODES, RULE_CODES, SCOPE_CODES, init_noise, perturb_step
 from smart_kernels.ops.sym_kl import REDUCTIONS, sym_kl
 
@@ -40,21 +46,17 @@ GRAD_MODES = ("full", "stop_grad")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _as_bool_mask(name: str, mask: object, like: torch.Tensor, what: str) -> torch.Tensor | None:
-    """``mask`` (None, or a bool/int tensor of shape ``like.shape[:-1]`` on like's device) as a
-    bool tensor; clear errors naming ``name``; ``what`` names like's leading dims."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor or None, got {type(mask).__name__}")
-    shape = like.shape[:-1]
-    if mask.shape != shape:
-        raise ValueError(f"{name}: expected shape {tuple(shape)} ({what}), got {tuple(mask.shape)}")
-    if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"{name}: expected a bool or integer tensor, got {mask.dtype}")
-    if mask.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on {like.device}, got one on {mask.device}")
-    return mask if mask.dtype == torch.bool else mask != 0
+def _as_bool_mask(
+    name: str, mask: object, like: torch.Tensor, like_name: str
+) -> torch.Tensor | None:
+    """``mask`` (argument ``name``: None, or a bool/int tensor of shape ``like.shape[:-1]`` on
+    like's device) as a bool tensor; an integer mask (e.g. an attention mask) is ``!= 0``."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{name}: expected a bool or integer tensor, got {mask.dtype}")
+        mask = mask != 0
+    check_row_mask(mask, like, like_name, name)
+    return mask
 
 
 def mse_loss(
@@ -114,7 +116,7 @@ def bregman_loss(
         raise ValueError("logits: expected shape [..., C], got a 0-d tensor")
     target = teacher_logits.detach().to(logits.dtype)
     check_same("teacher_logits", target, "logits", logits)
-    mask = _as_bool_mask("mask", mask, logits, "logits' leading dims")
+    mask = _as_bool_mask("mask", mask, logits, "logits")
     if loss == "mse" or logits.shape[-1] == 1:
         return mse_loss(logits, target, reduction=reduction, mask=mask)
     return sym_kl(logits, target, reduction=reduction, mask=mask, backend=backend)
@@ -340,8 +342,8 @@ class SMARTLoss(nn.Module):
         device_type = embed.device.type
         if torch.is_autocast_enabled(device_type):
             self._warn_if_rounded_away(torch.get_autocast_dtype(device_type), autocast=True)
-        mask = _as_bool_mask("mask", mask, embed, "embed's leading dims")
-        rows = _as_bool_mask("loss_mask", loss_mask, logits, "logits' leading dims")
+        mask = _as_bool_mask("mask", mask, embed, "embed")
+        rows = _as_bool_mask("loss_mask", loss_mask, logits, "logits")
         if rows is None and mask is not None and mask.shape == logits.shape[:-1]:
             rows = mask  # token-level logits: padding rows do not count
         step = dict(

@@ -75,20 +75,23 @@ def check_logits_pair(input: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError("input: the last dimension (V, the number of classes) must be > 0")
 
 
-def check_row_mask(mask: object, like: torch.Tensor, like_name: str = "input") -> None:
-    """mask: None or a bool tensor of shape like.shape[:-1] on like's device."""
+def check_row_mask(
+    mask: object, like: torch.Tensor, like_name: str = "input", name: str = "mask"
+) -> None:
+    """mask (argument ``name``): None or a bool tensor of shape like.shape[:-1] on like's
+    device."""
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a bool torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        raise TypeError(f"{name}: expected dtype torch.bool, got {mask.dtype}")
     if mask.shape != like.shape[:-1]:
         raise ValueError(
-            f"mask: expected shape {tuple(like.shape[:-1])} (the leading dims of {like_name}), "
+            f"{name}: expected shape {tuple(like.shape[:-1])} (the leading dims of {like_name}), "
             f"got {tuple(mask.shape)}"
         )
     if mask.device != like.device:
         raise ValueError(
-            f"mask: expected the device of {like_name} ({like.device}), got {mask.device}"
+            f"{name}: expected the device of {like_name} ({like.device}), got {mask.device}"
         )
