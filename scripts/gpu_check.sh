@@ -47,7 +47,8 @@ cap() {  # cap SECONDS: min(SECONDS, what is left of the deadline), at least 1
   echo $(( left > 1 ? left : 1 ))
 }
 # limit SECONDS CMD...: SIGINT at the limit (pytest then prints its summary, Python unwinds),
-# SIGKILL 20 s later if it still runs; exit status 124 when the limit was hit.
+# SIGKILL 20 s later if it still runs; exit status 124 when the limit was hit (137 when the
+# SIGKILL was needed).
 limit() { local t; t=$(cap "$1"); shift; timeout -s INT -k 20 "$t" "$@"; }
 
 # DRY_RUN=1: the script's own plumbing on a CPU (tests/test_gpu_check.py): no CUDA check, the
@@ -98,7 +99,7 @@ else
   limit "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
     >"$OUT/build.log" 2>&1
   rc=$?
-  if [ $rc -eq 124 ]; then
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     tail -40 "$OUT/build.log"; echo "BUILD TIMED OUT"; exit 1
   elif [ $rc -ne 0 ]; then
     echo "pip install -e . failed; trying setup.py build_ext --inplace (see $OUT/build.log)"
