@@ -85,8 +85,12 @@ def measure(
         gc.collect()  # inputs that form reference cycles (smart_step's models) go now, not later
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    note = "; ".join(x for x in (f"n={t.n}", config) if x)
-    rows = [{**report.row(key, "time", "ms", t.p50, t.p20, t.p80), "note": note}]
+    rows = [
+        {
+            **report.row(key, "time", "ms", t.p50, t.p20, t.p80),
+            "note": report.time_note(t.n, config),
+        }
+    ]
     if op.bandwidth:
         nbytes = op.min_bytes(case, mode)
         gbps = [nbytes / (max(ms, 1e-9) * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
@@ -266,21 +270,23 @@ def main(argv: list[str] | None = None, default_ops: str = "all") -> None:
         parser.error(f"--merge into {out_dir}: {why_not}")
 
     def checkpoint(rows: list[dict], copy_bw: float) -> None:  # CSV + markdown, no plots
-        report.write_all(report.merge(kept, rows), out_dir, copy_bw, plots=False)
+        report.write_all(report.merge(kept, rows), out_dir, plots=False)
 
     ops = [known[n] for n in names]
-    rows, env, copy_bw = run(
+    new, _, _ = run(
         ops, modes, size_name, device, budget, not args.no_progress, only, checkpoint, case_filter
     )
-    n_new, rows = len(rows), report.merge(kept, rows)
-    paths = report.write_all(rows, out_dir, copy_bw, plots=not args.no_plots)
+    rows = report.merge(kept, new)
+    paths = report.write_all(rows, out_dir, plots=not args.no_plots)
     print(report.summary_table(rows))
-    errors = [r for r in rows if r["metric"] == "error" and r["timestamp"] == env["timestamp"]]
+    errors = [r for r in new if r["metric"] == "error"]
     for r in errors:
         print(f"ERROR {r['op']} {r['provider']} {r['mode']} {r['shape']} {r['dtype']}: {r['note']}")
     n_plots = sum(p.endswith(".png") for p in paths)
+    this_run = set(map(id, new))  # merge passes this run's rows through as they are
+    n_kept = sum(id(r) not in this_run for r in rows)
     print(f"wrote {paths[0]}, {paths[1]} and {n_plots} plots under {out_dir}"
-          + (f" (with {len(rows) - n_new} earlier rows kept)" if kept else ""))  # fmt: skip
+          + (f" (with {n_kept} earlier rows kept)" if kept else ""))  # fmt: skip
     if any(r["provider"].startswith("ours") for r in errors):
         sys.exit(1)  # our own kernels failing is a failure of the run, not a skip
 

@@ -49,6 +49,10 @@ def _times(rows: list[dict]) -> dict[tuple, float]:
     return {_key(r): float(r["p50"]) for r in rows if r["metric"] == "time"}
 
 
+# speedup_vs_<name> -> the baseline provider
+BASELINES = {b.replace("-", "_"): b for b in ("compile", "eager", "smart-pytorch", "floor")}
+
+
 def speedups(rows: list[dict]) -> list[dict]:
     """Time ratios within this run: speedup_vs_compile and speedup_vs_eager for every op, and
     for the end-to-end step speedup_vs_smart_pytorch and speedup_vs_floor (< 1: slower than
@@ -56,20 +60,16 @@ def speedups(rows: list[dict]) -> list[dict]:
     times = _times(rows)
     out = []
     for (op, provider, mode, shape, dtype), ms in times.items():
-        for base in ("compile", "eager", "smart-pytorch", "floor"):
+        for name, base in BASELINES.items():
             ref = times.get((op, base, mode, shape, dtype))
             if ref is not None:
                 key = dict(zip(KEY_COLUMNS, (op, provider, mode, shape, dtype), strict=True))
-                out.append(row(key, f"speedup_vs_{base.replace('-', '_')}", "x", ref / ms))
+                out.append(row(key, f"speedup_vs_{name}", "x", ref / ms))
     return out
 
 
 def _key(r: dict) -> tuple:
     return tuple(r[c] for c in KEY_COLUMNS)
-
-
-BASELINES = {"compile": "compile", "eager": "eager", "smart_pytorch": "smart-pytorch",
-             "floor": "floor"}  # speedup_vs_<name> -> the baseline provider  # fmt: skip
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
@@ -111,13 +111,24 @@ def read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def time_note(n: int, config: str) -> str:
+    """A time row's note: the sample count, then the run's settings."""
+    return "; ".join(x for x in (f"n={n}", config) if x)
+
+
+def _split_time_note(note: str | None) -> tuple[str, str]:
+    """(sample count, run settings) of a time row's note (see :func:`time_note`)."""
+    m = re.match(r"n=(\d+)(?:; )?(.*)", note or "")
+    return (m[1], m[2]) if m else ("", note or "")
+
+
 def _pivot(rows: list[dict]) -> dict[tuple, dict[str, str]]:
     table: dict[tuple, dict[str, str]] = defaultdict(dict)
     for r in rows:
         m = table[_key(r)]
         m[r["metric"]] = r["note"] if r["metric"] in ("skipped", "error") else r["p50"]
         if r["metric"] == "time":
-            m["n"] = (re.match(r"n=(\d+)", r.get("note") or "") or [None, ""])[1]
+            m["n"] = _split_time_note(r.get("note"))[0]
     return table
 
 
@@ -151,10 +162,10 @@ def _step_ops(rows: list[dict]) -> set[str]:
     return timed - {r["op"] for r in rows if r["metric"] == "bandwidth"}
 
 
-def _run_header(run: list[dict], copy_bw: float) -> str:
+def _run_header(run: list[dict]) -> str:
     first = run[0]
-    config = next((re.sub(r"^n=\d+(; )?", "", r.get("note") or "") for r in run
-                   if r["metric"] == "time"), "")  # fmt: skip
+    copy_bw = copy_bandwidth_of(run)
+    config = next((_split_time_note(r.get("note"))[1] for r in run if r["metric"] == "time"), "")
     text = (f"torch {first.get('torch', '')}, triton {first.get('triton', '') or '-'}, commit "
             f"{first.get('git_commit', '') or '-'}, {first.get('timestamp', '')}")  # fmt: skip
     if config:
@@ -172,13 +183,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown(rows: list[dict], copy_bw: float) -> str:
+def markdown(rows: list[dict]) -> str:
     env = rows[0] if rows else {}
     runs: dict[str, list[dict]] = {}  # one harness run = one start timestamp
     for r in rows:
         runs.setdefault(r.get("timestamp", ""), []).append(r)
-    header = [_run_header(run, copy_bw if len(runs) == 1 else copy_bandwidth_of(run))
-              for run in runs.values()]  # fmt: skip
+    header = [_run_header(run) for run in runs.values()]
     lines = [
         f"# smart_kernels benchmarks: {env.get('device', '')}",
         "",
@@ -199,12 +209,13 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
         "| x compile | x eager |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    steps = _step_ops(rows)
     for (op, provider, mode, shape, dtype), m in _pivot(rows).items():
         for status in ("skipped", "error"):
             if status in m:
                 lines.append(f"| {op} | {shape} | {dtype} | {mode} | {provider} | {status}: "
                              f"{_cell(m[status])} | | | | | | |")  # fmt: skip
-        if "skipped" in m or "error" in m:
+        if "skipped" in m or "error" in m or op in steps:  # a step's times: its own table
             continue
         lines.append(
             f"| {op} | {shape} | {dtype} | {mode} | {provider} | {_sig(m.get('time'), 4)} | "
@@ -286,12 +297,11 @@ def make_plots(rows: list[dict], out_dir: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    steps = _step_ops(rows)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["metric"] in ("time", "speedup_vs_compile") and r["op"] not in steps:
+        if r["metric"] in ("time", "speedup_vs_compile"):
             dims = r["shape"].split("x")
-            if not all(d.isdigit() for d in dims):
+            if not all(d.isdigit() for d in dims):  # a named case (a step): no size axis
                 continue
             size = 1
             for d in dims:
@@ -336,7 +346,7 @@ def _replacing(path: str, **open_kwargs):
     os.replace(tmp, path)
 
 
-def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True) -> list[str]:
+def write_all(rows: list[dict], out_dir: str, plots: bool = True) -> list[str]:
     """results.csv, results.md and plots/*.png under out_dir; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "results.csv")
@@ -346,7 +356,7 @@ def write_all(rows: list[dict], out_dir: str, copy_bw: float, plots: bool = True
         writer.writerows(rows)
     md_path = os.path.join(out_dir, "results.md")
     with _replacing(md_path) as f:
-        f.write(markdown(rows, copy_bw))
+        f.write(markdown(rows))
     paths = [csv_path, md_path]
     if plots:
         paths += make_plots(rows, os.path.join(out_dir, "plots"))
@@ -426,14 +436,14 @@ def main(argv: list[str] | None = None) -> None:
         if why_not:
             parser.error(f"--merge-into {out_dir}: {why_not}")
         rows = merge(old, rows)
-        paths = write_all(rows, out_dir, copy_bandwidth_of(rows), plots=not args.no_plots)
+        paths = write_all(rows, out_dir, plots=not args.no_plots)
         print(f"merged {args.csv} into {paths[0]} ({len(rows)} rows); wrote {len(paths) - 2} "
               f"plots")  # fmt: skip
         return
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.csv))
     os.makedirs(out_dir, exist_ok=True)
     with _replacing(os.path.join(out_dir, "results.md")) as f:
-        f.write(markdown(rows, copy_bandwidth_of(rows)))
+        f.write(markdown(rows))
     n_plots = 0 if args.no_plots else len(make_plots(rows, os.path.join(out_dir, "plots")))
     print(f"wrote results.md and {n_plots} plots under {out_dir}")
 
