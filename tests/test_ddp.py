@@ -26,6 +26,7 @@ import gc
 import os
 import socket
 import traceback
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -176,34 +177,50 @@ def train_single(backend: str) -> dict:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One DDP rank (spawned): trains with every backend and mode, saves
     ``{backend}_{mode}_rank{rank}.pt``."""
-    import torch.distributed as dist
 
-    def reached(stage: str) -> None:  # the last stage each rank reached, for a crash report
-        with open(os.path.join(out_dir, f"stage_rank{rank}.txt"), "w") as f:
-            f.write(stage)
+    def body(reached: Callable[[str], None]) -> None:
+        import torch.distributed as dist
 
-    try:
         torch.set_num_threads(1)
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
             timeout=datetime.timedelta(seconds=TIMEOUT_S),
         )  # fmt: skip
+        for backend in BACKENDS:
+            for mode in MODES:
+                result = train_ddp(rank, backend, mode)
+                torch.save(result, os.path.join(out_dir, f"{backend}_{mode}_rank{rank}.pt"))
+                reached(f"trained {backend} {mode}")
+
+    rank_main(rank, out_dir, body)
+
+
+def rank_main(rank: int, out_dir: str, body: Callable[[Callable[[str], None]], None]) -> None:
+    """A spawned rank's frame around ``body(reached)`` (which initialises the process group, or
+    has the Trainer do it, and trains; ``reached(stage)`` records the last stage for a crash
+    report): a traceback goes to ``error_rank{rank}.txt``; the group is torn down in lockstep;
+    the process leaves without interpreter finalization."""
+    import torch.distributed as dist
+
+    def reached(stage: str) -> None:
+        with open(os.path.join(out_dir, f"stage_rank{rank}.txt"), "w") as f:
+            f.write(stage)
+
+    try:
         try:
-            for backend in BACKENDS:
-                for mode in MODES:
-                    result = train_ddp(rank, backend, mode)
-                    torch.save(result, os.path.join(out_dir, f"{backend}_{mode}_rank{rank}.pt"))
-                    reached(f"trained {backend} {mode}")
+            body(reached)
             # Tear gloo down in lockstep with nothing of DDP left alive: a process group whose
             # last reference dies during interpreter finalization, or a peer that closes its
             # sockets while this rank is still in a collective, can make gloo's threads call
             # std::terminate (seen once in CI as "terminate called without an active exception").
             gc.collect()
-            dist.barrier()
+            if dist.is_initialized():
+                dist.barrier()
         finally:
-            reached("destroying the process group")
-            dist.destroy_process_group()
-            reached("destroyed the process group")
+            if dist.is_initialized():
+                reached("destroying the process group")
+                dist.destroy_process_group()
+                reached("destroyed the process group")
     except BaseException:
         with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

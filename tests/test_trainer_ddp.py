@@ -13,7 +13,7 @@ MASTER_ADDR, ... in the environment), tiny BERT, 3 optimizer steps, per-device b
 from __future__ import annotations
 
 import os
-import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from test_ddp import run_ranks  # noqa: E402
+from test_ddp import rank_main, run_ranks  # noqa: E402
 from test_trainer import make_args, make_data, make_model, params  # noqa: E402
 
 from smart_kernels.integrations.transformers import SmartArguments, SmartTrainer  # noqa: E402
@@ -59,7 +59,8 @@ def train(out: Path, name: str, batch: int, **ddp) -> dict[str, dict[str, torch.
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank, started the way torchrun starts it: trains every configuration."""
     out = Path(out_dir)
-    try:
+
+    def body(reached: Callable[[str], None]) -> None:
         os.environ.update(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
             LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -71,17 +72,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 ddp_timeout=TIMEOUT_S,
             )  # fmt: skip
             torch.save(result, out / f"{name}_rank{rank}.pt")
-            (out / f"stage_rank{rank}.txt").write_text(f"trained {name}")
-        import torch.distributed as dist
+            reached(f"trained {name}")
 
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-        (out / f"stage_rank{rank}.txt").write_text("destroyed the process group")
-    except BaseException:
-        (out / f"error_rank{rank}.txt").write_text(traceback.format_exc())
-        raise
-    os._exit(0)  # no interpreter finalization with gloo threads around (see test_ddp)
+    rank_main(rank, out_dir, body)
 
 
 @pytest.fixture(scope="module")
