@@ -14,6 +14,10 @@ def backends_for(device: str) -> list[str]:
 
 CPU_BACKENDS = backends_for("cpu")
 KERNEL_BACKENDS_CPU = [b for b in CPU_BACKENDS if b != "reference"]
+# The kernel backends that run on CUDA here ([] without a visible GPU): the GPU tests' backends.
+GPU_BACKENDS = [
+    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
+]
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backends_for
+from helpers import GPU_BACKENDS
 from test_compat import MODELS, TOL, _compare_smart, _model, _spy, needs_sp
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [
-    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
-]
 
 
 @needs_sp

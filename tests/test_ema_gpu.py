@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import backends_for, max_err
+from helpers import GPU_BACKENDS, max_err
 from test_ema import scale_of, ulp
 from test_teacher import Net, manual_update, teacher_state
 from torch import nn
@@ -23,9 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_ema import bert_shapes  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [
-    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
-]
 ALL_BACKENDS = ["reference", *GPU_BACKENDS]
 
 

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backends_for
+from helpers import GPU_BACKENDS
 from test_loss import TinyEncoder, compiled_matches_eager, fixed_noise, manual_smart
 
 import smart_kernels as sk
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [
-    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
-]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -109,7 +106,7 @@ def test_cuda_graph_capture_matches_eager(backend, monkeypatch):
     eager's R_s and gradients; δ₀ is fixed (a device tensor cloned inside the graph). fp64: the
     comparison does not depend on the replay being bit-identical to eager."""
     model, embed, mask, smart, _ = _step_parts(backend, token_level=True, dtype=torch.float64)
-    delta0 = fixed_noise(embed.detach().cpu(), mask=mask.cpu()).cuda()
+    delta0 = fixed_noise(embed, mask=mask)
     monkeypatch.setattr(sk.loss, "init_noise", lambda like, *a, **k: delta0.clone())
     leaves = [embed, *(p for n, p in model.named_parameters() if not n.startswith("word."))]
 

@@ -8,16 +8,13 @@ import math
 
 import pytest
 import torch
-from helpers import backends_for
+from helpers import GPU_BACKENDS
 from test_perturb import NORMS, RULES, SCOPES, cancelling, close, random_mask, within_eager
 
 import smart_kernels as sk
 from smart_kernels import reference
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [
-    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
-]
 DEV = "cuda"
 
 

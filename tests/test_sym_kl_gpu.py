@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backends_for, logits, max_err, rel_err
+from helpers import GPU_BACKENDS, logits, max_err, rel_err
 from test_sym_kl import _ill_conditioned, error_ratios
 
 import smart_kernels as sk
 from smart_kernels import _backends, reference
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [
-    b for b in ("native", "triton") if torch.cuda.is_available() and b in backends_for("cuda")
-]
 MODES = [("sym_kl", "full"), ("sym_kl", "stop_grad"), ("kl", None)]
 
 
