@@ -24,6 +24,7 @@ Providers (all: same model, inputs, task loss, AdamW; λ_s = μ = 1; one ascent 
                    initialisation (a zero leaf stands in), the divergences and their gradients
                    (a plain sum stands in), the projected ascent step (the raw noise gradient is
                    the new noise) and the EMA update of the teacher.
+    floor-compat   the model passes ours-compat needs: the floor without the teacher forward.
 
 Perturbations are applied to the word embeddings only and fed as ``inputs_embeds`` (the model adds
 position / type embeddings itself). Each measurement builds a fresh model; the optimizer, teacher
@@ -247,10 +248,15 @@ def _paper(w: Workload, st: dict) -> torch.Tensor:
     return w.task_loss(logits) + LAMBDA_S * r_s + MU * d_breg
 
 
-def _floor_setup(w: Workload) -> dict:
-    teacher = copy.deepcopy(w.model).eval().requires_grad_(False)
-    noise = torch.zeros_like(w.embed(), requires_grad=True)  # stands in for init_noise
-    return {"teacher_model": teacher, "noise": noise}
+def _floor_setup(teacher: bool) -> Callable[[Workload], dict]:
+    def setup(w: Workload) -> dict:
+        noise = torch.zeros_like(w.embed(), requires_grad=True)  # stands in for init_noise
+        st = {"noise": noise}
+        if teacher:
+            st["teacher_model"] = copy.deepcopy(w.model).eval().requires_grad_(False)
+        return st
+
+    return setup
 
 
 def _floor(w: Workload, st: dict) -> torch.Tensor:
@@ -260,8 +266,9 @@ def _floor(w: Workload, st: dict) -> torch.Tensor:
     adv = w.logits(embeds=embed.detach() + noise)  # ascent forward
     (g,) = torch.autograd.grad(adv.sum(dtype=torch.float32), noise)  # backward to the noise only
     adv = w.logits(embeds=embed + g)  # final adversarial forward, with graph
-    with torch.no_grad():  # teacher forward (its logits are not used: no divergence)
-        st["teacher_model"](input_ids=w.ids, attention_mask=w.mask)
+    if "teacher_model" in st:
+        with torch.no_grad():  # teacher forward (its logits are not used: no divergence)
+            st["teacher_model"](input_ids=w.ids, attention_mask=w.mask)
     return w.task_loss(logits) + adv.sum(dtype=torch.float32)
 
 
@@ -280,7 +287,7 @@ def _import(module: str) -> tuple[object | None, str | None]:
 
 
 def providers(device: torch.device) -> list[Provider]:
-    names = ("plain", "smart-pytorch", "ours-compat", "ours-paper", "floor")
+    names = ("plain", "smart-pytorch", "ours-compat", "ours-paper", "floor", "floor-compat")
     _, missing = _import("transformers")
     if missing:
         return [Provider(n, skip=f"transformers not installed ({missing})") for n in names]
@@ -296,7 +303,8 @@ def providers(device: torch.device) -> list[Provider]:
     else:
         out.append(_provider("ours-compat", _smart_pytorch, _smart_pytorch_setup(lib)))
     out.append(_provider("ours-paper", _paper, _paper_setup))
-    out.append(_provider("floor", _floor, _floor_setup))
+    out.append(_provider("floor", _floor, _floor_setup(teacher=True)))
+    out.append(_provider("floor-compat", _floor, _floor_setup(teacher=False)))
     return out
 
 

@@ -50,13 +50,15 @@ def _times(rows: list[dict]) -> dict[tuple, float]:
 
 
 # speedup_vs_<name> -> the baseline provider
-BASELINES = {b.replace("-", "_"): b for b in ("compile", "eager", "smart-pytorch", "floor")}
+BASELINES = {
+    b.replace("-", "_"): b for b in ("compile", "eager", "smart-pytorch", "floor", "floor-compat")
+}
 
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Time ratios within this run: speedup_vs_compile and speedup_vs_eager for every op, and
     for the end-to-end step speedup_vs_smart_pytorch and speedup_vs_floor (< 1: slower than
-    the model passes the method needs)."""
+    the model passes the method needs: floor for ours-paper, floor-compat for ours-compat)."""
     times = _times(rows)
     out = []
     for (op, provider, mode, shape, dtype), ms in times.items():
@@ -230,9 +232,10 @@ def markdown(rows: list[dict]) -> str:
             "## End-to-end step (smart_step)",
             "",
             "One training step per provider (same model, batch, AdamW). x smart-pytorch = "
-            "smart-pytorch's ms / this ms (> 1: faster); / floor = ours-paper's ms / the floor's "
-            "ms (the model passes ours-paper needs, its teacher forward included; 1.15 = 15% "
-            "above it; not shown for the other providers, which need no teacher).",
+            "smart-pytorch's ms / this ms (> 1: faster); / floor = this ms / the ms of the model "
+            "passes the method needs, with plain stand-ins for our ops (1.15 = 15% above it): "
+            "floor for ours-paper (its teacher forward included), floor-compat for ours-compat "
+            "(no teacher); not shown for plain and smart-pytorch.",
             "",
             "| case | dtype | provider | ms | n | peak MiB | x smart-pytorch | / floor |",
             "|---|---|---|---|---|---|---|---|",
@@ -241,18 +244,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-FLOOR_PROVIDERS = ("ours-paper", "floor")  # the floor is the model passes of ours-paper
+# provider -> the floor (the model passes it needs) its "/ floor" cell divides by
+FLOOR_OF = {"ours-paper": "floor", "floor": "floor",
+            "ours-compat": "floor-compat", "floor-compat": "floor-compat"}  # fmt: skip
 
 
 def step_table(rows: list[dict]) -> list[tuple[str, ...]]:
     """The end-to-end step rows (``_step_ops``): case, dtype, provider, ms, samples, peak MiB,
-    speedup over smart-pytorch, and (ours-paper, floor) ms over the floor's ms."""
+    speedup over smart-pytorch, and ms over the floor's ms (``FLOOR_OF``)."""
     steps = _step_ops(rows)
     out = []
     for (op, provider, _mode, shape, dtype), m in _pivot(rows).items():
         if "time" not in m or op not in steps:
             continue
-        floor = m.get("speedup_vs_floor") if provider in FLOOR_PROVIDERS else None
+        base = FLOOR_OF.get(provider)
+        floor = m.get(f"speedup_vs_{base.replace('-', '_')}") if base else None
         out.append((f"{op} {shape}", dtype, provider, _sig(m["time"], 4), m.get("n", ""),
                     _sig(m.get("peak_extra_mem")), _num(m.get("speedup_vs_smart_pytorch"), 2),
                     f"{1 / float(floor):.2f}" if floor else ""))  # fmt: skip

@@ -113,19 +113,23 @@ def test_end_to_end_step_table(smoke_run):
             if line.startswith(f"| smart_step {shape} |"):
                 c = [x.strip() for x in line.strip("|").split("|")]
                 cells[c[2]] = c
-        assert set(cells) == {"plain", "smart-pytorch", "ours-compat", "ours-paper", "floor"}
+        assert set(cells) == {
+            "plain", "smart-pytorch", "ours-compat", "ours-paper", "floor", "floor-compat"
+        }  # fmt: skip
         paper = cells["ours-paper"]  # case, dtype, provider, ms, n, peak, x smart-pt, / floor
         assert int(paper[4]) >= MIN_SAMPLES
         assert float(paper[6]) == pytest.approx(
             times[shape, "smart-pytorch"] / times[shape, "ours-paper"], abs=0.006
         )
-        assert float(paper[7]) == pytest.approx(
-            times[shape, "ours-paper"] / times[shape, "floor"], abs=0.006
-        )
-        assert cells["floor"][7] == "1.00" and cells["smart-pytorch"][6] == "1.00"
-        # the floor is ours-paper's model passes (teacher forward included): no ratio for the
-        # providers that need no teacher
-        assert cells["ours-compat"][7] == cells["smart-pytorch"][7] == ""
+        # each of ours over its own floor: ours-paper's passes include the teacher forward,
+        # ours-compat's do not
+        for ours, floor in (("ours-paper", "floor"), ("ours-compat", "floor-compat")):
+            assert float(cells[ours][7]) == pytest.approx(
+                times[shape, ours] / times[shape, floor], abs=0.006
+            )
+            assert cells[floor][7] == "1.00"
+        assert cells["smart-pytorch"][6] == "1.00"
+        assert cells["plain"][7] == cells["smart-pytorch"][7] == ""
     assert "x smart-pt" in stdout and "/ floor" in stdout
     again = subprocess.run(
         [sys.executable, "-m", "benchmarks.report", "--summary", str(out / "results.csv")],
