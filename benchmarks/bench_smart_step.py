@@ -27,18 +27,21 @@ Providers (all: same model, inputs, task loss, AdamW; λ_s = μ = 1; one ascent 
     floor-compat   the model passes ours-compat needs: the floor without the teacher forward.
 
 Perturbations are applied to the word embeddings only and fed as ``inputs_embeds`` (the model adds
-position / type embeddings itself). Each measurement builds a fresh model; the optimizer, teacher
-and loss objects are created on the first (warm-up) call, so the timed steps exclude them, and
-"peak MiB" (memory above what was allocated before the step) counts the step's transient memory
-(activations, gradients, the losses' buffers), not the persistent teacher weights or AdamW moments.
+position / type embeddings itself). Each provider gets its own fresh model (the same initial
+weights); the optimizer, teacher and loss objects are created on its first (warm-up) call, so the
+timed steps exclude them, and "peak MiB" (memory above what was allocated before the step) counts
+the step's transient memory (activations, gradients, the losses' buffers), not the persistent
+teacher weights or AdamW moments. A case's providers are timed together, in alternating rounds of
+one step each (``interleave``: a drift of the machine's speed falls on all of them alike; all
+their models are alive at once, ~15 GB for GPT-2 small).
 
 Harness fit: the op has mode "full" only; a provider's ``fn(*inputs)`` runs the whole step
 (forward, ``backward()``, ``optimizer.step()``, ``zero_grad``) and returns the loss detached as a
 0-d leaf requiring grad, so the harness's own ``.backward()`` on it is a no-op-sized fill.
 Rows: time, samples and peak memory only (``bandwidth=False``: a step has no meaningful minimal
 byte count); ``min_bytes`` (3x the parameter bytes) only keeps the GPU models above the
-launch-bound threshold (timed with do_bench). Use a larger ``--budget-ms`` (e.g. 2000) for more
-than the minimum of 5 samples per provider on the GPU cases.
+launch-bound threshold. Use a larger ``--budget-ms`` (per provider, e.g. 2000) for more than the
+minimum of 5 samples per provider on the GPU cases.
 
     python -m benchmarks --op smart_step [--quick] [--budget-ms 2000]
     python benchmarks/bench_smart_step.py [harness options]
@@ -309,7 +312,14 @@ def providers(device: torch.device) -> list[Provider]:
 
 
 SMART_STEP = OpBench(
-    "smart_step", cases, make_inputs, providers, min_bytes, modes=("full",), bandwidth=False
+    "smart_step",
+    cases,
+    make_inputs,
+    providers,
+    min_bytes,
+    modes=("full",),
+    bandwidth=False,
+    interleave=True,
 )
 OPS = [SMART_STEP]
 

@@ -123,6 +123,56 @@ def time_call(
     return Timing.of(times)
 
 
+WARMUP_CALLS = 2  # per callable before time_interleaved's rounds (compiles, allocator growth)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, budget_ms: float
+) -> tuple[dict[str, Timing], dict[str, Exception]]:
+    """Time several long calls (whole training steps) against each other: after WARMUP_CALLS
+    each, rounds that call every one once, the first of the round rotating, each call timed
+    alone by the wall clock between two device synchronisations (its host overhead counts, as
+    it does in training). Rounds go on until every callable has MIN_SAMPLES samples and the
+    calls have taken ``budget_ms`` per callable in all.
+
+    Timed one after another, each for its own budget, long calls land on whatever state the
+    host and GPU are in then (an H100 machine measured one step 112 ms and, minutes later,
+    144 ms); interleaved, a drift falls on all of them alike, so their ratios hold.
+
+    Returns (timings, errors): a callable that raises is dropped from the rounds and its
+    exception returned under its name; the others go on."""
+    errors: dict[str, Exception] = {}
+
+    def timed(name: str) -> float | None:
+        sync(device)
+        start = time.perf_counter()
+        try:
+            fns[name]()
+            sync(device)
+        except Exception as exc:  # the sweep goes on without it
+            errors[name] = exc
+            return None
+        return (time.perf_counter() - start) * 1e3
+
+    for name in fns:
+        for _ in range(WARMUP_CALLS):
+            if name not in errors:
+                timed(name)
+    samples: dict[str, list[float]] = {n: [] for n in fns if n not in errors}
+    spent, goal, turn = 0.0, budget_ms * len(samples), 0
+    while samples and (spent < goal or min(map(len, samples.values())) < MIN_SAMPLES):
+        names = list(samples)
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            ms = timed(name)
+            if ms is None:
+                del samples[name]
+            else:
+                samples[name].append(ms)
+                spent += ms
+        turn += 1
+    return {n: Timing.of(s) for n, s in samples.items()}, errors
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak tensor memory during ``fn`` above what was allocated before it: CUDA from the
     caching allocator's statistics; CPU from the allocator's events under the profiler

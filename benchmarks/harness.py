@@ -55,36 +55,30 @@ def _mode_callable(provider: Provider, inputs: list[torch.Tensor], mode: str):
     return (lambda: out.backward(retain_graph=True)), inputs
 
 
-def measure(
-    op: OpBench, case: Case, provider: Provider, mode: str, device: torch.device,
-    copy_bw: float, budget_ms: float, config: str = "",
-) -> list[dict]:  # fmt: skip
-    """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode; the time
-    row's note holds the sample count and ``config`` (e.g. "n=12; size=quick; ...")."""
-    key = {"op": op.name, "provider": provider.name, "mode": mode, "shape": case.label,
-           "dtype": case.dtype_name}  # fmt: skip
+def _key(op: OpBench, case: Case, provider: Provider, mode: str) -> dict:
+    return {"op": op.name, "provider": provider.name, "mode": mode, "shape": case.label,
+            "dtype": case.dtype_name}  # fmt: skip
+
+
+def _not_run(provider: Provider, mode: str) -> str | None:
+    """Why ``provider`` is not timed in ``mode`` (not installed, not comparable), or None."""
     if provider.skip is not None:
-        return [report.skip_row(key, provider.skip)]
+        return provider.skip
     if provider.modes is not None and mode not in provider.modes:
-        return [report.skip_row(key, provider.why_not)]
-    launch_bound = op.min_bytes(case, "full") < (1 << 20)
-    try:
-        inputs = op.make_inputs(case, device)
-        fn, grads = _mode_callable(provider, inputs, mode)
-        t = common.time_call(
-            fn, device, grad_to_none=grads, budget_ms=budget_ms, launch_bound=launch_bound
-        )
-        for x in grads:
-            x.grad = None
-        peak = common.peak_extra_bytes(fn, device)
-    except Exception as exc:  # recorded as an error (metric "error"), the sweep goes on
-        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        return [report.error_row(key, msg)]
-    finally:
-        inputs = fn = grads = None
-        gc.collect()  # inputs that form reference cycles (smart_step's models) go now, not later
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        return provider.why_not
+    return None
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _rows(
+    op: OpBench, case: Case, key: dict, mode: str, t: common.Timing, peak: int | None,
+    copy_bw: float, config: str,
+) -> list[dict]:  # fmt: skip
+    """The time row (its note: the sample count and ``config``), bandwidth rows (ops with a
+    minimal byte count) and the peak-memory row of one measurement."""
     rows = [
         {
             **report.row(key, "time", "ms", t.p50, t.p20, t.p80),
@@ -101,6 +95,88 @@ def measure(
     if peak is not None:
         rows.append(report.row(key, "peak_extra_mem", "MiB", peak / 2**20))
     return rows
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()  # inputs that form reference cycles (smart_step's models) go now, not later
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(
+    op: OpBench, case: Case, provider: Provider, mode: str, device: torch.device,
+    copy_bw: float, budget_ms: float, config: str = "",
+) -> list[dict]:  # fmt: skip
+    """Result rows (report.COLUMNS minus the environment) for one op/case/provider/mode; the time
+    row's note holds the sample count and ``config`` (e.g. "n=12; size=quick; ...")."""
+    key = _key(op, case, provider, mode)
+    why_not = _not_run(provider, mode)
+    if why_not is not None:
+        return [report.skip_row(key, why_not)]
+    launch_bound = op.min_bytes(case, "full") < (1 << 20)
+    try:
+        inputs = op.make_inputs(case, device)
+        fn, grads = _mode_callable(provider, inputs, mode)
+        t = common.time_call(
+            fn, device, grad_to_none=grads, budget_ms=budget_ms, launch_bound=launch_bound
+        )
+        for x in grads:
+            x.grad = None
+        peak = common.peak_extra_bytes(fn, device)
+    except Exception as exc:  # recorded as an error (metric "error"), the sweep goes on
+        return [report.error_row(key, _error(exc))]
+    finally:
+        inputs = fn = grads = None
+        _release(device)
+    return _rows(op, case, key, mode, t, peak, copy_bw, config)
+
+
+def measure_interleaved(
+    op: OpBench, case: Case, providers: list[Provider], mode: str, device: torch.device,
+    copy_bw: float, budget_ms: float, config: str = "",
+) -> list[dict]:  # fmt: skip
+    """``measure`` for every provider of one op/case/mode at once (``op.interleave``): each gets
+    its own inputs, all alive together, and ``common.time_interleaved`` times them in
+    alternating rounds; then the peak memory of each. A provider that fails gets an error row,
+    the others go on. Rows in the providers' order."""
+    out: dict[str, list[dict]] = {}
+    calls: dict[str, tuple] = {}
+    try:
+        for p in providers:
+            why_not = _not_run(p, mode)
+            if why_not is not None:
+                out[p.name] = [report.skip_row(_key(op, case, p, mode), why_not)]
+                continue
+            try:
+                calls[p.name] = _mode_callable(p, op.make_inputs(case, device), mode)
+            except Exception as exc:
+                out[p.name] = [report.error_row(_key(op, case, p, mode), _error(exc))]
+
+        def call(fn, grads):
+            def run_once():
+                for x in grads:
+                    x.grad = None
+                fn()
+
+            return run_once
+
+        fns = {name: call(*fg) for name, fg in calls.items()}
+        timings, errors = common.time_interleaved(fns, device, budget_ms=budget_ms)
+        for p in providers:
+            if p.name in errors:
+                out[p.name] = [report.error_row(_key(op, case, p, mode), _error(errors[p.name]))]
+            elif p.name in timings:
+                try:
+                    peak = common.peak_extra_bytes(fns[p.name], device)
+                except Exception as exc:
+                    out[p.name] = [report.error_row(_key(op, case, p, mode), _error(exc))]
+                    continue
+                key = _key(op, case, p, mode)
+                out[p.name] = _rows(op, case, key, mode, timings[p.name], peak, copy_bw, config)
+    finally:
+        calls = fns = None
+        _release(device)
+    return [r for p in providers if p.name in out for r in out[p.name]]
 
 
 def run(
@@ -121,19 +197,23 @@ def run(
         f"{env['git_commit'] or '-'} | copy bandwidth {copy_bw:.0f} GB/s (measured)",
         flush=True,
     )
-    jobs = []
+    jobs = []  # (op, case, providers measured together, mode)
     for op in ops:
         providers = [p for p in op.providers(device) if only is None or p.name in only]
         for case in _cases(op, device, size, case_filter):
             for mode in modes:
                 if mode in op.modes:
-                    jobs += [(op, case, p, mode) for p in providers]
+                    together = [providers] if op.interleave else [[p] for p in providers]
+                    jobs += [(op, case, ps, mode) for ps in together]
     rows = []
     bar = _progress(jobs, progress)
-    for op, case, provider, mode in bar:
+    for op, case, ps, mode in bar:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{op.name} {case.label} {provider.name} {mode}")
-        rows += measure(op, case, provider, mode, device, copy_bw, budget_ms, config)
+            bar.set_postfix_str(f"{op.name} {case.label} {','.join(p.name for p in ps)} {mode}")
+        if op.interleave:
+            rows += measure_interleaved(op, case, ps, mode, device, copy_bw, budget_ms, config)
+        else:
+            rows += measure(op, case, ps[0], mode, device, copy_bw, budget_ms, config)
         if checkpoint is not None:
             checkpoint(_finish(rows, env), copy_bw)
     return _finish(rows, env), env, copy_bw

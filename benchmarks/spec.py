@@ -63,6 +63,9 @@ class OpBench:
     modes: which of fwd / bwd / full apply.
     bandwidth: whether GB/s and % of copy bandwidth mean anything (False for a whole training
     step: its rows are time and memory only; ``min_bytes`` then only sizes the case).
+    interleave: time a case's providers against each other in alternating rounds
+    (``common.time_interleaved``), all their inputs alive at once, instead of one after the
+    other: for long calls, whose ratios a drift of the machine between providers would bend.
     """
 
     name: str
@@ -72,3 +75,4 @@ class OpBench:
     min_bytes: Callable[[Case, str], int]
     modes: tuple[str, ...] = field(default=MODES)
     bandwidth: bool = True
+    interleave: bool = False

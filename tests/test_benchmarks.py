@@ -345,3 +345,72 @@ def test_compare_two_runs(tmp_path, capsys):
             writer.writerows(rows)
     report.main([str(tmp_path / "new.csv"), "--compare", str(tmp_path / "old.csv")])
     assert "slower" in capsys.readouterr().out
+
+
+def test_interleaved_rounds():
+    """time_interleaved: every callable warmed up, then rounds of one call each with the first
+    rotating, until MIN_SAMPLES and the budget (per callable) are reached; a callable that
+    raises is dropped and reported, the others go on."""
+    import time
+
+    from benchmarks.common import WARMUP_CALLS, time_interleaved
+
+    log: list[str] = []
+
+    def step(name: str, ms: float):
+        def fn():
+            log.append(name)
+            time.sleep(ms / 1e3)
+
+        return fn
+
+    def broken():
+        log.append("c")
+        if log.count("c") > WARMUP_CALLS + 2:  # fails in its third round
+            raise RuntimeError("CUDA error: out of memory")
+
+    fns = {"a": step("a", 2.0), "b": step("b", 4.0), "c": broken}
+    timings, errors = time_interleaved(fns, torch.device("cpu"), budget_ms=60)
+    w = WARMUP_CALLS
+    assert log[: 3 * w] == ["a"] * w + ["b"] * w + ["c"] * w
+    rounds = log[3 * w :]
+    assert rounds[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # the first rotates
+    assert "c" not in rounds[9:] and set(timings) == {"a", "b"}
+    assert isinstance(errors["c"], RuntimeError)
+    a, b = timings["a"], timings["b"]
+    assert a.n >= MIN_SAMPLES and abs(a.n - b.n) <= 1
+    assert 1.3 < b.p50 / a.p50 < 2.5 and a.p50 >= 2
+    assert a.n * a.p50 + b.n * b.p50 >= 0.9 * 60 * 2  # the budget: 60 ms per callable
+
+
+def test_interleaved_op_rows(monkeypatch):
+    """An ``interleave`` op: one row set per provider in the providers' order, a skip row for
+    a provider not installed, an error row for one whose warm-up fails, times for the rest."""
+    from benchmarks import harness
+    from benchmarks.spec import Case, OpBench, Provider
+
+    def ok(x):
+        return (x * 2).sum()
+
+    def boom(x):
+        raise RuntimeError("CUDA error: illegal memory access")
+
+    op = OpBench(
+        "fake_step", lambda d, s: [Case((4, 3), torch.float32)],
+        lambda c, d: [torch.randn(c.shape, requires_grad=True)],
+        lambda d: [Provider("plain", ok), Provider("missing", skip="not installed"),
+                   Provider("ours-x", boom), Provider("ours-y", ok)],
+        lambda c, m: 1 << 30, modes=("full",), bandwidth=False, interleave=True,
+    )  # fmt: skip
+    rows = harness.measure_interleaved(
+        op, op.cases(None, "smoke")[0], op.providers(None), "full", torch.device("cpu"),
+        copy_bw=1.0, budget_ms=5,
+    )  # fmt: skip
+    kinds = [(r["provider"], r["metric"]) for r in rows]
+    assert kinds == [
+        ("plain", "time"), ("plain", "peak_extra_mem"), ("missing", "skipped"),
+        ("ours-x", "error"), ("ours-y", "time"), ("ours-y", "peak_extra_mem"),
+    ]  # fmt: skip
+    assert "illegal memory access" in rows[3]["note"]
+    assert all(int(report._split_time_note(r["note"])[0]) >= MIN_SAMPLES
+               for r in rows if r["metric"] == "time")  # fmt: skip
