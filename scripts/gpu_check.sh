@@ -4,12 +4,14 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      (default OUT: benchmarks/out)
 #
 # The issue-6 run (SMARTLoss, demo, smart_step; carry [".gpu-wheels", ".gpu-demo"] after
-# `make gpu-wheels gpu-demo-assets`); not yet timed, estimated 5.5-7.5 minutes on an H100 (build
-# 1-2.5, tests <= 3.3, demo ~1, benchmark ~2), and cut at DEADLINE (570 s) whatever happens (the
-# device tool's limit is 600 s per command):
+# `make gpu-wheels gpu-demo-assets`) took 281 s on an H100 at 31d6a16 (start to summary: build
+# 62 s, all GPU tests 64 s on 4 workers, demo 40 s, benchmark 81 s), cut at DEADLINE (570 s)
+# whatever happens (the device tool's limit is 600 s per command):
 #   OUT=$OUT SMART_KERNELS_GIT_COMMIT=<local short hash> DEMO=1 PROBE=0 \
 #     BENCH_OPS=smart_step,perturb_step_seq BENCH_ARGS="--budget-ms 2000" bash scripts/gpu_check.sh
-# (perturb_step_seq: the split kernels, refactored since the last GPU run.)
+# smart_step alone, its providers interleaved (6 per case, both cases), is estimated at 80-100 s
+# with --budget-ms 3000 (not yet timed interleaved; timed one after another at budget 4000 it did
+# GPT-2 and 2 BERT-base providers in 82 s before a DEADLINE of 270 cut it): leave it 150 s.
 #
 # 1. builds the extension with CUDA for this GPU's architecture (fails loudly if it cannot);
 # 2. runs `pytest -m gpu` (log under $OUT): correctness before speed;
