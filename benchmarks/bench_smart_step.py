@@ -39,9 +39,10 @@ Harness fit: the op has mode "full" only; a provider's ``fn(*inputs)`` runs the 
 (forward, ``backward()``, ``optimizer.step()``, ``zero_grad``) and returns the loss detached as a
 0-d leaf requiring grad, so the harness's own ``.backward()`` on it is a no-op-sized fill.
 Rows: time, samples and peak memory only (``bandwidth=False``: a step has no meaningful minimal
-byte count); ``min_bytes`` (3x the parameter bytes) only keeps the GPU models above the
-launch-bound threshold. Use a larger ``--budget-ms`` (per provider, e.g. 2000) for more than the
-minimum of 5 samples per provider on the GPU cases.
+byte count; ``min_bytes``, 3x the parameter bytes, is not used by the interleaved timing). Use a
+larger ``--budget-ms`` (per provider, e.g. 2000) for more than the minimum of 5 samples per
+provider on the GPU cases. A time limit that stops a case midway loses all of that case's rows
+(they are written when the whole case is done).
 
     python -m benchmarks --op smart_step [--quick] [--budget-ms 2000]
     python benchmarks/bench_smart_step.py [harness options]

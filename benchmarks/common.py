@@ -128,29 +128,30 @@ WARMUP_CALLS = 2  # per callable before time_interleaved's rounds (compiles, all
 
 def time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, *, budget_ms: float
-) -> tuple[dict[str, Timing], dict[str, Exception]]:
+) -> tuple[dict[str, Timing], dict[str, str]]:
     """Time several long calls (whole training steps) against each other: after WARMUP_CALLS
     each, rounds that call every one once, the first of the round rotating, each call timed
     alone by the wall clock between two device synchronisations (its host overhead counts, as
     it does in training). Rounds go on until every callable has MIN_SAMPLES samples and the
-    calls have taken ``budget_ms`` per callable in all.
+    remaining callables' calls have taken ``budget_ms`` each on average.
 
     Timed one after another, each for its own budget, long calls land on whatever state the
     host and GPU are in then (an H100 machine measured one step 112 ms and, minutes later,
     144 ms); interleaved, a drift falls on all of them alike, so their ratios hold.
 
-    Returns (timings, errors): a callable that raises is dropped from the rounds and its
-    exception returned under its name; the others go on."""
-    errors: dict[str, Exception] = {}
+    Returns (timings, errors): a callable that raises (a failing synchronisation included) is
+    dropped from the rounds and its error returned under its name as "Type: first line" (a
+    string: a kept exception's traceback would keep every callable's inputs alive)."""
+    errors: dict[str, str] = {}
 
     def timed(name: str) -> float | None:
-        sync(device)
-        start = time.perf_counter()
         try:
+            sync(device)
+            start = time.perf_counter()
             fns[name]()
             sync(device)
         except Exception as exc:  # the sweep goes on without it
-            errors[name] = exc
+            errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             return None
         return (time.perf_counter() - start) * 1e3
 
@@ -159,8 +160,15 @@ def time_interleaved(
             if name not in errors:
                 timed(name)
     samples: dict[str, list[float]] = {n: [] for n in fns if n not in errors}
-    spent, goal, turn = 0.0, budget_ms * len(samples), 0
-    while samples and (spent < goal or min(map(len, samples.values())) < MIN_SAMPLES):
+
+    def more() -> bool:
+        if not samples:
+            return False
+        short = min(map(len, samples.values())) < MIN_SAMPLES
+        return short or sum(map(sum, samples.values())) < budget_ms * len(samples)
+
+    turn = 0
+    while more():
         names = list(samples)
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
             ms = timed(name)
@@ -168,7 +176,6 @@ def time_interleaved(
                 del samples[name]
             else:
                 samples[name].append(ms)
-                spent += ms
         turn += 1
     return {n: Timing.of(s) for n, s in samples.items()}, errors
 

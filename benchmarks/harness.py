@@ -15,9 +15,10 @@ same run; peak memory above the inputs (MiB).
 
 Output goes to benchmarks/out/<device>/ (not tracked) unless ``--out`` names a directory; the CSV
 and markdown are rewritten after every measurement (a run stopped by a time limit keeps what it
-finished). ``--merge`` keeps the rows already in that directory's results.csv and replaces only
-those this run measures again (same op, provider, mode, shape, dtype): the way to update the
-committed results, e.g. ``--out benchmarks/results/cpu-2cores --merge``.
+finished; an ``interleave`` op's measurement is a whole case, all its providers). ``--merge``
+keeps the rows already in that directory's results.csv and replaces only those this run measures
+again (same op, provider, mode, shape, dtype): the way to update the committed results, e.g.
+``--out benchmarks/results/cpu-2cores --merge``.
 """
 
 from __future__ import annotations
@@ -161,10 +162,13 @@ def measure_interleaved(
             return run_once
 
         fns = {name: call(*fg) for name, fg in calls.items()}
-        timings, errors = common.time_interleaved(fns, device, budget_ms=budget_ms)
+        try:
+            timings, errors = common.time_interleaved(fns, device, budget_ms=budget_ms)
+        except Exception as exc:  # not one provider's: every one still running gets it
+            timings, errors = {}, dict.fromkeys(fns, _error(exc))
         for p in providers:
             if p.name in errors:
-                out[p.name] = [report.error_row(_key(op, case, p, mode), _error(errors[p.name]))]
+                out[p.name] = [report.error_row(_key(op, case, p, mode), errors[p.name])]
             elif p.name in timings:
                 try:
                     peak = common.peak_extra_bytes(fns[p.name], device)
@@ -174,7 +178,7 @@ def measure_interleaved(
                 key = _key(op, case, p, mode)
                 out[p.name] = _rows(op, case, key, mode, timings[p.name], peak, copy_bw, config)
     finally:
-        calls = fns = None
+        calls = fns = timings = errors = None
         _release(device)
     return [r for p in providers if p.name in out for r in out[p.name]]
 

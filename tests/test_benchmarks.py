@@ -376,7 +376,7 @@ def test_interleaved_rounds():
     rounds = log[3 * w :]
     assert rounds[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # the first rotates
     assert "c" not in rounds[9:] and set(timings) == {"a", "b"}
-    assert isinstance(errors["c"], RuntimeError)
+    assert errors == {"c": "RuntimeError: CUDA error: out of memory"}
     a, b = timings["a"], timings["b"]
     assert a.n >= MIN_SAMPLES and abs(a.n - b.n) <= 1
     assert 1.3 < b.p50 / a.p50 < 2.5 and a.p50 >= 2
@@ -414,3 +414,16 @@ def test_interleaved_op_rows(monkeypatch):
     assert "illegal memory access" in rows[3]["note"]
     assert all(int(report._split_time_note(r["note"])[0]) >= MIN_SAMPLES
                for r in rows if r["metric"] == "time")  # fmt: skip
+
+    def sticky(*args, **kwargs):  # e.g. a CUDA error that every later synchronisation raises
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(harness.common, "time_interleaved", sticky)
+    rows = harness.measure_interleaved(
+        op, op.cases(None, "smoke")[0], op.providers(None), "full", torch.device("cpu"),
+        copy_bw=1.0, budget_ms=5,
+    )  # fmt: skip
+    assert [(r["provider"], r["metric"]) for r in rows] == [
+        ("plain", "error"), ("missing", "skipped"), ("ours-x", "error"), ("ours-y", "error"),
+    ]  # fmt: skip
+    assert "illegal memory access was encountered" in rows[-1]["note"]

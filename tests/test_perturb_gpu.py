@@ -62,7 +62,7 @@ def test_perturb_step_benchmark_sizes(backend, scope, norm, shape, dtype):
             assert close(out, ref, 1e-5)
         else:
             # noise + step * u cancelling: FMA vs eager vs fp64 (the default step_size 1e-3)
-            slack = fp32_slack(noise, grad, 1e-3, rule=rule, norm=norm, scope=scope, radius=6e-4)
+            slack = fp32_slack(noise, grad, **kw)
             eager = reference.perturb_step(noise, grad, **kw)
             assert within_eager(out, eager, ref, slack)
 
