@@ -56,6 +56,24 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def error_text(exc: BaseException) -> str:
+    """An error as a result row's note: "Type: first line of the message" (at most 300
+    characters)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def with_grads_reset(fn: Callable[[], object], grads: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """``fn`` preceded by ``x.grad = None`` for each of ``grads`` (repeated backward calls then
+    write their gradients afresh instead of accumulating)."""
+
+    def call() -> None:
+        for x in grads:
+            x.grad = None
+        fn()
+
+    return call
+
+
 def time_call(
     fn: Callable[[], object],
     device: torch.device,
@@ -74,11 +92,7 @@ def time_call(
     threads), topped up with blocks of the same size timed by ``time.perf_counter``; caches are
     not flushed on CPU."""
 
-    def call():
-        for t in grad_to_none:
-            t.grad = None
-        fn()
-
+    call = with_grads_reset(fn, grad_to_none)
     if device.type == "cuda" and not launch_bound:
         from triton.testing import do_bench
 
@@ -151,7 +165,7 @@ def time_interleaved(
             fns[name]()
             sync(device)
         except Exception as exc:  # the sweep goes on without it
-            errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            errors[name] = error_text(exc)
             return None
         return (time.perf_counter() - start) * 1e3
 

@@ -70,10 +70,6 @@ def _not_run(provider: Provider, mode: str) -> str | None:
     return None
 
 
-def _error(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
 def _rows(
     op: OpBench, case: Case, key: dict, mode: str, t: common.Timing, peak: int | None,
     copy_bw: float, config: str,
@@ -125,7 +121,7 @@ def measure(
             x.grad = None
         peak = common.peak_extra_bytes(fn, device)
     except Exception as exc:  # recorded as an error (metric "error"), the sweep goes on
-        return [report.error_row(key, _error(exc))]
+        return [report.error_row(key, common.error_text(exc))]
     finally:
         inputs = fn = grads = None
         _release(device)
@@ -140,45 +136,35 @@ def measure_interleaved(
     its own inputs, all alive together, and ``common.time_interleaved`` times them in
     alternating rounds; then the peak memory of each. A provider that fails gets an error row,
     the others go on. Rows in the providers' order."""
+    keys = {p.name: _key(op, case, p, mode) for p in providers}
     out: dict[str, list[dict]] = {}
-    calls: dict[str, tuple] = {}
+    fns: dict[str, Callable[[], None]] = {}
     try:
         for p in providers:
             why_not = _not_run(p, mode)
             if why_not is not None:
-                out[p.name] = [report.skip_row(_key(op, case, p, mode), why_not)]
+                out[p.name] = [report.skip_row(keys[p.name], why_not)]
                 continue
             try:
-                calls[p.name] = _mode_callable(p, op.make_inputs(case, device), mode)
+                fn, grads = _mode_callable(p, op.make_inputs(case, device), mode)
+                fns[p.name] = common.with_grads_reset(fn, grads)
             except Exception as exc:
-                out[p.name] = [report.error_row(_key(op, case, p, mode), _error(exc))]
-
-        def call(fn, grads):
-            def run_once():
-                for x in grads:
-                    x.grad = None
-                fn()
-
-            return run_once
-
-        fns = {name: call(*fg) for name, fg in calls.items()}
+                out[p.name] = [report.error_row(keys[p.name], common.error_text(exc))]
         try:
             timings, errors = common.time_interleaved(fns, device, budget_ms=budget_ms)
         except Exception as exc:  # not one provider's: every one still running gets it
-            timings, errors = {}, dict.fromkeys(fns, _error(exc))
-        for p in providers:
-            if p.name in errors:
-                out[p.name] = [report.error_row(_key(op, case, p, mode), errors[p.name])]
-            elif p.name in timings:
-                try:
-                    peak = common.peak_extra_bytes(fns[p.name], device)
-                except Exception as exc:
-                    out[p.name] = [report.error_row(_key(op, case, p, mode), _error(exc))]
-                    continue
-                key = _key(op, case, p, mode)
-                out[p.name] = _rows(op, case, key, mode, timings[p.name], peak, copy_bw, config)
+            timings, errors = {}, dict.fromkeys(fns, common.error_text(exc))
+        for name, t in timings.items():
+            try:
+                peak = common.peak_extra_bytes(fns[name], device)
+            except Exception as exc:
+                errors[name] = common.error_text(exc)
+                continue
+            out[name] = _rows(op, case, keys[name], mode, t, peak, copy_bw, config)
+        for name, message in errors.items():
+            out[name] = [report.error_row(keys[name], message)]
     finally:
-        calls = fns = timings = errors = None
+        fn = grads = fns = timings = errors = None
         _release(device)
     return [r for p in providers if p.name in out for r in out[p.name]]
 
